@@ -1,0 +1,1 @@
+"""A Neon-faithful storage engine for PostgreSQL 15."""

@@ -1,0 +1,1 @@
+"""Small shared building blocks: LSNs, ids, crash-safe files, logging."""

@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.vanilla import VanillaPostgres, make_test_root
+
+
+@pytest.fixture
+def test_root(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A per-test scratch directory the unprivileged Postgres user can use."""
+    root = make_test_root(prefix=f"neon-{request.node.name[:40]}-")
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def vanilla_pg(test_root: Path) -> Iterator[VanillaPostgres]:
+    """An initialised (not started) stock PG15 cluster; stopped at teardown."""
+    pg = VanillaPostgres(test_root / "vanilla").init()
+    yield pg
+    pg.cleanup()
