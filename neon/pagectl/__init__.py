@@ -1,0 +1,1 @@
+"""`pagectl`: offline inspection of WAL, layer files and metadata."""
