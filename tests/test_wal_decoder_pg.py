@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from neon.postgres import waldecoder
 from neon.postgres.constants import BLCKSZ, rmgr_name
 from neon.postgres.errors import WalDecodeError
 from neon.postgres.walfiles import read_wal_files
@@ -47,11 +48,13 @@ def wal_run(request: pytest.FixtureRequest) -> Iterator[WalRun]:
     shutil.rmtree(root, ignore_errors=True)
 
 
-def _decode_all(files: list[Path]) -> tuple[list[tuple[int, int, bytes]], WalDecodeError | None]:
+def _decode_all(
+    files: list[Path], native: bool | None = None
+) -> tuple[list[tuple[int, int, bytes]], WalDecodeError | None]:
     records = []
     err = None
     try:
-        for rec in read_wal_files(files):
+        for rec in read_wal_files(files, native=native):
             records.append(rec)
     except WalDecodeError as e:
         err = e
@@ -107,6 +110,15 @@ def test_records_match_pg_waldump(wal_run: WalRun) -> None:
     for rmgr in ("Btree", "Gin", "Gist", "SPGist", "BRIN", "Hash", "Sequence", "MultiXact", "Database",
                  "Storage", "RelMap", "Standby", "CLOG", "Heap2", "LogicalMessage"):
         assert stats[f"rmgr:{rmgr}"] > 0, (rmgr, stats)
+
+
+def test_python_and_native_scanners_agree(wal_run: WalRun) -> None:
+    if not waldecoder.NATIVE:
+        pytest.skip("native scanner not built")
+    py_records, py_err = _decode_all(wal_run.files, native=False)
+    c_records, c_err = _decode_all(wal_run.files, native=True)
+    assert py_records == c_records
+    assert py_err is not None and c_err is not None and str(py_err) == str(c_err)
 
 
 def test_every_image_restores_to_a_sane_page(wal_run: WalRun) -> None:

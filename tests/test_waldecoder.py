@@ -16,6 +16,7 @@ from neon.postgres.constants import (
     XLP_BKP_REMOVABLE,
     XLP_FIRST_IS_OVERWRITE_CONTRECORD,
 )
+from neon.postgres import waldecoder
 from neon.postgres.errors import WalDecodeError
 from neon.postgres.pglz import PglzError, pglz_decompress
 from neon.postgres.waldecoder import WalStreamDecoder
@@ -44,8 +45,17 @@ def make_wal(sizes: list[int], start: int = START, seed: int = 1) -> tuple[bytes
     return w.bytes_from(w.start), w.start, out
 
 
-def decode(data: bytes, lsn: int, chunks: list[int] | None = None, **kw: object) -> list[tuple[int, int, bytes]]:
-    dec = WalStreamDecoder(lsn, seg_size=SEG, **kw)  # type: ignore[arg-type]
+@pytest.fixture(params=[False, True], ids=["python", "native"])
+def native(request: pytest.FixtureRequest) -> bool:
+    if request.param and not waldecoder.NATIVE:
+        pytest.skip("native scanner not built")
+    return request.param
+
+
+def decode(
+    data: bytes, lsn: int, chunks: list[int] | None = None, native: bool = False, **kw: object
+) -> list[tuple[int, int, bytes]]:
+    dec = WalStreamDecoder(lsn, seg_size=SEG, native=native, **kw)  # type: ignore[arg-type]
     got = []
     pos = 0
     for n in chunks or [len(data)]:
@@ -60,9 +70,9 @@ def decode(data: bytes, lsn: int, chunks: list[int] | None = None, **kw: object)
 SIZES = [8115, 10, 100, 8000, 30, 20000, 8150, 8158, 3, 70000, 5, 2000000, 40, 8166, 1]
 
 
-def test_round_trip_and_shapes() -> None:
+def test_round_trip_and_shapes(native: bool) -> None:
     data, page, recs = make_wal(SIZES)
-    got = decode(data, page)
+    got = decode(data, page, native=native)
     assert got == recs
     # The crafted WAL covers the shapes the decoder must handle.
     assert any(s // SEG != (e - 1) // SEG for s, e, _ in recs)
@@ -79,27 +89,29 @@ def test_any_chunking_gives_the_same_records(sizes: list[int], data: st.DataObje
     wal, page, recs = make_wal(sizes)
     cuts = data.draw(st.lists(st.integers(min_value=0, max_value=9000), max_size=30))
     assert decode(wal, page, cuts) == recs
+    if waldecoder.NATIVE:
+        assert decode(wal, page, cuts, native=True) == recs
 
 
-def test_start_at_record_with_prev_check() -> None:
+def test_start_at_record_with_prev_check(native: bool) -> None:
     data, page, recs = make_wal(SIZES)
     s1 = recs[3][0]
-    got = decode(data[s1 - page :], s1, prev_lsn=recs[2][0])
+    got = decode(data[s1 - page :], s1, native=native, prev_lsn=recs[2][0])
     assert got == recs[3:]
     with pytest.raises(WalDecodeError, match="prev-link"):
-        decode(data[s1 - page :], s1, prev_lsn=recs[1][0])
+        decode(data[s1 - page :], s1, native=native, prev_lsn=recs[1][0])
 
 
-def test_start_at_page_boundary_skips_a_continuation() -> None:
+def test_start_at_page_boundary_skips_a_continuation(native: bool) -> None:
     data, page, recs = make_wal(SIZES)
     # A page inside the 2 MB record: every record starting after it is found.
     big_start = next(s for s, e, r in recs if len(r) > 1000000)
     boundary = (big_start // XLOG_BLCKSZ + 5) * XLOG_BLCKSZ
-    got = decode(data[boundary - page :], boundary)
+    got = decode(data[boundary - page :], boundary, native=native)
     assert got == [r for r in recs if r[0] > boundary]
 
 
-def test_switch_skips_to_next_segment() -> None:
+def test_switch_skips_to_next_segment(native: bool) -> None:
     w = WalWriter(START, sysid=SYSID, seg_size=SEG)
     a = encode_record(xid=1, prev=0, info=0, rmid=RM_LOGICALMSG_ID, main_data=b"a" * 50)
     sa, _ = w.append(a)
@@ -113,12 +125,12 @@ def test_switch_skips_to_next_segment() -> None:
     b = encode_record(xid=2, prev=ss, info=0, rmid=RM_LOGICALMSG_ID, main_data=b"b" * 20)
     sb, eb = w2.append(b)
     data += w2.bytes_from(seg_end)
-    got = decode(bytes(data), w.start, [100, 5000, 300000])
+    got = decode(bytes(data), w.start, [100, 5000, 300000], native=native)
     assert [(s, e) for s, e, _ in got] == [(sa, got[0][1]), (ss, seg_end), (sb, eb)]
     assert sb == seg_end + 40
 
 
-def test_overwrite_contrecord_drops_the_lost_record() -> None:
+def test_overwrite_contrecord_drops_the_lost_record(native: bool) -> None:
     w = WalWriter(START, sysid=SYSID, seg_size=SEG)
     a = encode_record(xid=1, prev=0, info=0, rmid=RM_LOGICALMSG_ID, main_data=b"a" * 7000)
     sa, _ = w.append(a)
@@ -130,19 +142,19 @@ def test_overwrite_contrecord_drops_the_lost_record() -> None:
                    page_info=XLP_BKP_REMOVABLE | XLP_FIRST_IS_OVERWRITE_CONTRECORD)
     ow = encode_record(xid=0, prev=sa, info=0xD0, rmid=RM_XLOG_ID, main_data=struct.pack("<Qq", sb, 0))
     so, eo = w2.append(ow)
-    got = decode(data + w2.bytes_from(lost_page), w.start)
+    got = decode(data + w2.bytes_from(lost_page), w.start, native=native)
     assert [g[0] for g in got] == [sa, so]
     assert got[1][2] == ow and so == lost_page + 24
 
 
-def test_missing_contrecord_flag_is_an_error() -> None:
+def test_missing_contrecord_flag_is_an_error(native: bool) -> None:
     data, page, recs = make_wal([20000])
     bad = bytearray(data)
     s = recs[0][0]
     next_page = (s // XLOG_BLCKSZ + 1) * XLOG_BLCKSZ - page
     struct.pack_into("<H", bad, next_page + 2, XLP_BKP_REMOVABLE)  # drop XLP_FIRST_IS_CONTRECORD
     with pytest.raises(WalDecodeError, match="contrecord") as ei:
-        decode(bytes(bad), page)
+        decode(bytes(bad), page, native=native)
     assert ei.value.lsn == next_page + page
 
 
@@ -166,19 +178,30 @@ BASE_WAL, BASE_PAGE, BASE_RECS = make_wal([10, 300, 9000, 60, 50000, 8150, 12, 8
 
 
 def _check_prefix(data: bytes) -> None:
-    """Decoding damaged WAL yields only original records, then at most a WalDecodeError."""
+    """Decoding damaged WAL yields only original records, then at most a WalDecodeError,
+    and both implementations agree on where and why it stops."""
+    results = [_damaged(data, False)]
+    if waldecoder.NATIVE:
+        results.append(_damaged(data, True))
+        assert results[0] == results[1]
+
+
+def _damaged(data: bytes, native: bool) -> tuple[list[int], str | None]:
     originals = {s: (e, r) for s, e, r in BASE_RECS}
-    dec = WalStreamDecoder(BASE_PAGE, seg_size=SEG)
+    dec = WalStreamDecoder(BASE_PAGE, seg_size=SEG, native=native)
     got = []
+    error = None
     try:
         for pos in range(0, len(data), 4096):
             dec.feed(data[pos : pos + 4096])
             got.extend(dec.records())
     except WalDecodeError as e:
         assert e.lsn is not None
+        error = str(e)
     for s, e, r in got:
         assert originals[s] == (e, r)
     assert [g[0] for g in got] == [s for s, _, _ in BASE_RECS[: len(got)]]
+    return [g[0] for g in got], error
 
 
 @settings(max_examples=300, deadline=None)
@@ -235,3 +258,12 @@ def test_pglz_literals_and_matches() -> None:
         pglz_decompress(bytes([0b10]) + b"a" + bytes([0x02, 0x05]), 6)
     with pytest.raises(PglzError):
         pglz_decompress(b"\x00abc", 10)
+
+
+def test_native_scanner_is_built() -> None:
+    """CI must exercise the C fast path: make setup builds it."""
+    import os
+
+    if os.environ.get("NEON_NO_NATIVE"):
+        pytest.skip("native code disabled")
+    assert waldecoder.NATIVE

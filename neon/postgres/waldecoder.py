@@ -9,6 +9,7 @@ the decoder stays failed.
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Iterator
 
@@ -28,6 +29,17 @@ from neon.postgres.constants import (
 )
 from neon.postgres.crc32c import crc32c
 from neon.postgres.errors import WalDecodeError
+
+try:
+    if os.environ.get("NEON_NO_NATIVE"):
+        raise ImportError("native code disabled by NEON_NO_NATIVE")
+    from neon._walnative import ffi as _ffi  # type: ignore[import-not-found]
+    from neon._walnative import lib as _lib  # type: ignore[import-not-found]
+except ImportError:
+    _ffi = _lib = None
+
+NATIVE = _lib is not None
+_NATIVE_BATCH = 1024
 
 # A decoded record: (start LSN, end LSN, the reassembled record bytes).
 WalRecordBytes = tuple[int, int, bytes]
@@ -65,7 +77,9 @@ class WalStreamDecoder:
         sysid: int | None = None,
         prev_lsn: int | None = None,
         source: str | None = None,
+        native: bool | None = None,
     ) -> None:
+        """`native`: use the C fast path (default: when it is built)."""
         if lsn % 8:
             raise WalDecodeError("start position is not 8-byte aligned", lsn, source)
         self.seg_size = seg_size
@@ -88,6 +102,12 @@ class WalStreamDecoder:
         self._partial_start = 0
         self._partial_total = 0
         self._error: WalDecodeError | None = None
+        self._native = _lib is not None and native is not False
+        if native and _lib is None:
+            raise RuntimeError("the native WAL scanner is not built (run make setup)")
+        if self._native:
+            self._nstate = _ffi.new("wal_scan_state *")
+            self._nout = _ffi.new("uint64_t[]", 4 * _NATIVE_BATCH)
 
     # --- input -----------------------------------------------------------------------------
     def feed(self, data: bytes | bytearray | memoryview) -> None:
@@ -229,6 +249,16 @@ class WalStreamDecoder:
                 continue
 
             # At a record boundary.
+            if self._native and limit != 1 and not self._may_skip_contrecord:
+                got = self._native_scan(_NATIVE_BATCH if limit < 0 else min(limit, _NATIVE_BATCH))
+                if got:
+                    yield from got
+                    limit -= len(got)
+                    continue
+                buf = self._buf
+                avail = len(buf) - self._off
+                if self._page_room == 0:
+                    continue
             if avail < 4:
                 return
             off = self._off
@@ -258,6 +288,34 @@ class WalStreamDecoder:
                 self._partial_start = start
                 self._partial_total = tot_len
                 self._consume(n)
+
+    def _native_scan(self, max_out: int) -> list[WalRecordBytes]:
+        """Records the C fast path validates in one go (see native/walscan.c)."""
+        st = self._nstate
+        st.pos = self.pos
+        st.prev = self.prev_lsn or 0
+        st.prev_known = self.prev_lsn is not None
+        st.off = self._off
+        st.page_room = self._page_room
+        st.tli = self._tli
+        cbuf = _ffi.from_buffer(self._buf)
+        try:
+            n = _lib.wal_scan(cbuf, len(self._buf), self.seg_size, st, self._nout, max_out)
+        finally:
+            _ffi.release(cbuf)
+        self.pos = st.pos
+        self._off = st.off
+        self._page_room = st.page_room
+        self._tli = st.tli
+        if not n:
+            return []
+        self.prev_lsn = st.prev
+        vals = _ffi.unpack(self._nout, 4 * n)
+        buf = self._buf
+        return [
+            (vals[i], vals[i + 3], bytes(buf[vals[i + 1] : vals[i + 1] + vals[i + 2]]))
+            for i in range(0, 4 * n, 4)
+        ]
 
     def _consume(self, n: int) -> None:
         self._off += n

@@ -33,6 +33,7 @@ def read_wal_files(
     start_lsn: int | None = None,
     prev_lsn: int | None = None,
     seg_size: int | None = None,
+    native: bool | None = None,
 ) -> Iterator[WalRecordBytes]:
     """Records from consecutive segment files (named as in pg_wal), from the first file's start
     or from `start_lsn` inside it. The first invalid record raises WalDecodeError naming the
@@ -59,7 +60,7 @@ def read_wal_files(
     begin = seg_start if start_lsn is None else start_lsn
     if not seg_start <= begin < seg_start + seg_size:
         raise WalDecodeError("start LSN is not in the first WAL file", begin, str(ordered[0][1]))
-    dec = WalStreamDecoder(begin, seg_size=seg_size, prev_lsn=prev_lsn)
+    dec = WalStreamDecoder(begin, seg_size=seg_size, prev_lsn=prev_lsn, native=native)
     try:
         for segno, path in ordered:
             with open(path, "rb") as f:

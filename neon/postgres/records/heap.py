@@ -10,13 +10,13 @@ redo helper untouched, so only main data is parsed here.
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from neon.postgres.constants import RM_HEAP2_ID, RM_HEAP_ID
 from neon.postgres.errors import PayloadError
 
-from ._reader import Buffer, PayloadReader, at_least, fixed
+from ._reader import Buffer, PayloadReader, fixed
 
 XLOG_HEAP_OPMASK = 0x70
 XLOG_HEAP_INIT_PAGE = 0x80
@@ -264,7 +264,7 @@ class HeapInplace:
 
     @classmethod
     def unpack(cls, data: Buffer) -> HeapInplace:
-        return cls(*at_least(data, _U16, "HEAP INPLACE"))
+        return cls(*fixed(data, _U16, "HEAP INPLACE"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,6 +344,45 @@ def _block(block_numbers: Mapping[int, int], block_id: int, what: str) -> int:
         raise PayloadError(f"{what}: record has no block reference #{block_id}") from None
 
 
+# (rmid, opcode) -> (main-data parser, flag meaning "cleared", VM bits it clears) for the records
+# whose clear applies to block 0. UPDATE/HOT_UPDATE (two pages) are handled separately.
+_VM_CLEAR_RULES: dict[tuple[int, int], tuple[Callable[[int, Buffer], HeapPayload], int, int]] = {
+    (RM_HEAP_ID, XLOG_HEAP_INSERT): (
+        lambda _info, d: HeapInsert.unpack(d),
+        XLH_INSERT_ALL_VISIBLE_CLEARED,
+        VISIBILITYMAP_VALID_BITS,
+    ),
+    (RM_HEAP_ID, XLOG_HEAP_DELETE): (
+        lambda _info, d: HeapDelete.unpack(d),
+        XLH_DELETE_ALL_VISIBLE_CLEARED,
+        VISIBILITYMAP_VALID_BITS,
+    ),
+    # A lock only invalidates all-frozen: the tuple is still visible to everyone.
+    (RM_HEAP_ID, XLOG_HEAP_LOCK): (
+        lambda _info, d: HeapLock.unpack(d),
+        XLH_LOCK_ALL_FROZEN_CLEARED,
+        VISIBILITYMAP_ALL_FROZEN,
+    ),
+    (RM_HEAP2_ID, XLOG_HEAP2_MULTI_INSERT): (
+        HeapMultiInsert.unpack,
+        XLH_INSERT_ALL_VISIBLE_CLEARED,
+        VISIBILITYMAP_VALID_BITS,
+    ),
+    (RM_HEAP2_ID, XLOG_HEAP2_LOCK_UPDATED): (
+        lambda _info, d: HeapLockUpdated.unpack(d),
+        XLH_LOCK_ALL_FROZEN_CLEARED,
+        VISIBILITYMAP_ALL_FROZEN,
+    ),
+}
+
+
+def _block(block_numbers: Mapping[int, int], block_id: int, what: str) -> int:
+    try:
+        return block_numbers[block_id]
+    except KeyError:
+        raise PayloadError(f"{what}: record has no block reference #{block_id}") from None
+
+
 def vm_bits_cleared(
     rmid: int, info: int, main_data: Buffer, block_numbers: Mapping[int, int]
 ) -> list[tuple[int, int]]:
@@ -355,36 +394,30 @@ def vm_bits_cleared(
     Records that clear nothing return [].
     """
     opcode = info & XLOG_HEAP_OPMASK
-    if rmid == RM_HEAP_ID:
-        if opcode == XLOG_HEAP_INSERT:
-            if HeapInsert.unpack(main_data).flags & XLH_INSERT_ALL_VISIBLE_CLEARED:
-                return [(_block(block_numbers, 0, "HEAP INSERT"), VISIBILITYMAP_VALID_BITS)]
-        elif opcode == XLOG_HEAP_DELETE:
-            if HeapDelete.unpack(main_data).flags & XLH_DELETE_ALL_VISIBLE_CLEARED:
-                return [(_block(block_numbers, 0, "HEAP DELETE"), VISIBILITYMAP_VALID_BITS)]
-        elif opcode in (XLOG_HEAP_UPDATE, XLOG_HEAP_HOT_UPDATE):
-            what = "HEAP " + HEAP_OPCODE_NAMES[opcode]
-            flags = HeapUpdate.unpack(main_data, what).flags
-            out: list[tuple[int, int]] = []
-            if flags & XLH_UPDATE_OLD_ALL_VISIBLE_CLEARED:
-                # Block 1 is the old page only when it differs from the new page (block 0).
-                old = block_numbers.get(1)
-                out.append((_block(block_numbers, 0, what) if old is None else old, VISIBILITYMAP_VALID_BITS))
-            if flags & XLH_UPDATE_NEW_ALL_VISIBLE_CLEARED:
-                new = _block(block_numbers, 0, what)
-                if out and out[0][0] == new:
-                    return out  # same page: already cleared
-                out.append((new, VISIBILITYMAP_VALID_BITS))
-            return out
-        elif opcode == XLOG_HEAP_LOCK:
-            # A lock only invalidates all-frozen; the tuple is still visible to everyone.
-            if HeapLock.unpack(main_data).flags & XLH_LOCK_ALL_FROZEN_CLEARED:
-                return [(_block(block_numbers, 0, "HEAP LOCK"), VISIBILITYMAP_ALL_FROZEN)]
-    elif rmid == RM_HEAP2_ID:
-        if opcode == XLOG_HEAP2_MULTI_INSERT:
-            if HeapMultiInsert.unpack(info, main_data).flags & XLH_INSERT_ALL_VISIBLE_CLEARED:
-                return [(_block(block_numbers, 0, "HEAP2 MULTI_INSERT"), VISIBILITYMAP_VALID_BITS)]
-        elif opcode == XLOG_HEAP2_LOCK_UPDATED:
-            if HeapLockUpdated.unpack(main_data).flags & XLH_LOCK_ALL_FROZEN_CLEARED:
-                return [(_block(block_numbers, 0, "HEAP2 LOCK_UPDATED"), VISIBILITYMAP_ALL_FROZEN)]
+    if rmid == RM_HEAP_ID and opcode in (XLOG_HEAP_UPDATE, XLOG_HEAP_HOT_UPDATE):
+        return _update_vm_bits_cleared(opcode, main_data, block_numbers)
+    rule = _VM_CLEAR_RULES.get((rmid, opcode))
+    if rule is None:
+        return []
+    parse, flag, bits = rule
+    if parse(info, main_data).flags & flag:
+        name = (HEAP_OPCODE_NAMES if rmid == RM_HEAP_ID else HEAP2_OPCODE_NAMES)[opcode]
+        return [(_block(block_numbers, 0, name), bits)]
     return []
+
+
+def _update_vm_bits_cleared(
+    opcode: int, main_data: Buffer, block_numbers: Mapping[int, int]
+) -> list[tuple[int, int]]:
+    what = "HEAP " + HEAP_OPCODE_NAMES[opcode]
+    flags = HeapUpdate.unpack(main_data, what).flags
+    out: list[tuple[int, int]] = []
+    if flags & XLH_UPDATE_OLD_ALL_VISIBLE_CLEARED:
+        # Block 1 is the old page only when it differs from the new page (block 0).
+        old = block_numbers.get(1)
+        out.append((_block(block_numbers, 0, what) if old is None else old, VISIBILITYMAP_VALID_BITS))
+    if flags & XLH_UPDATE_NEW_ALL_VISIBLE_CLEARED:
+        new = _block(block_numbers, 0, what)
+        if not (out and out[0][0] == new):  # same page: cleared once
+            out.append((new, VISIBILITYMAP_VALID_BITS))
+    return out

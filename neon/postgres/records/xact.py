@@ -53,7 +53,7 @@ XACT_OPCODE_NAMES = {
 }
 
 _COMMIT_OPCODES = (XLOG_XACT_COMMIT, XLOG_XACT_COMMIT_PREPARED)
-_COMMIT_ABORT_OPCODES = (XLOG_XACT_COMMIT, XLOG_XACT_ABORT, XLOG_XACT_COMMIT_PREPARED, XLOG_XACT_ABORT_PREPARED)
+_COMMIT_ABORT_OPCODES = (*_COMMIT_OPCODES, XLOG_XACT_ABORT, XLOG_XACT_ABORT_PREPARED)
 
 _TIME = struct.Struct("<q")
 _U32 = struct.Struct("<I")
@@ -336,4 +336,3 @@ def describe(info: int, data: Buffer) -> XactPayload | None:
     if opcode == XLOG_XACT_INVALIDATIONS:
         return XactInvalidations.unpack(data)
     return None
-
