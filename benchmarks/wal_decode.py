@@ -16,11 +16,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from neon.postgres.errors import WalDecodeError  # noqa: E402
-from neon.postgres.walfiles import read_wal_files  # noqa: E402
-from neon.postgres.walrecord import decode_record  # noqa: E402
-from tests.fixtures.vanilla import VanillaPostgres, make_test_root  # noqa: E402
-from tests.walworkload import lsn_int  # noqa: E402
+from neon.postgres.errors import WalDecodeError
+from neon.postgres.walfiles import read_wal_files
+from neon.postgres.walrecord import decode_record
+from tests.fixtures.vanilla import VanillaPostgres, make_test_root
+from tests.walworkload import lsn_int
 
 
 def generate_wal(pg: VanillaPostgres, min_mb: int) -> tuple[list[Path], int, int]:

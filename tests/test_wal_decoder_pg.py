@@ -107,8 +107,23 @@ def test_records_match_pg_waldump(wal_run: WalRun) -> None:
     assert stats[wal_run.compression] > 0, stats
     for shape in ("crosses_page", "crosses_segment", "header_split", "bigger_than_page", "switch"):
         assert stats[shape] > 0, (shape, stats)
-    for rmgr in ("Btree", "Gin", "Gist", "SPGist", "BRIN", "Hash", "Sequence", "MultiXact", "Database",
-                 "Storage", "RelMap", "Standby", "CLOG", "Heap2", "LogicalMessage"):
+    for rmgr in (
+        "Btree",
+        "Gin",
+        "Gist",
+        "SPGist",
+        "BRIN",
+        "Hash",
+        "Sequence",
+        "MultiXact",
+        "Database",
+        "Storage",
+        "RelMap",
+        "Standby",
+        "CLOG",
+        "Heap2",
+        "LogicalMessage",
+    ):
         assert stats[f"rmgr:{rmgr}"] > 0, (rmgr, stats)
 
 
@@ -159,8 +174,9 @@ def test_pagectl_waldump_json(wal_run: WalRun) -> None:
         assert lsn_int(obj["prev"]) == ref.prev
         assert obj["rmgr"] == ref.rmgr and obj["xid"] == ref.xid and obj["tot_len"] == ref.tot_len
         assert lsn_int(obj["end_lsn"]) > ref.lsn
-        blocks = [(b["spc"], b["db"], b["rel"], b["fork"], b["blk"], b["has_image"], b["apply_image"])
-                  for b in obj["blocks"]]
+        blocks = [
+            (b["spc"], b["db"], b["rel"], b["fork"], b["blk"], b["has_image"], b["apply_image"]) for b in obj["blocks"]
+        ]
         assert blocks == [(*b.rel, b.fork, b.blk, b.has_image, b.apply_image) for b in ref.blocks]
         assert all(isinstance(b["will_init"], bool) for b in obj["blocks"])
     text = subprocess.run(

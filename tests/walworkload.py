@@ -81,7 +81,9 @@ def run_varied_workload(pg: VanillaPostgres, *, pgbench_scale: int = 1, pgbench_
 
 
 def _make_multixacts(pg: VanillaPostgres) -> None:
-    pg.safe_psql("CREATE TABLE mx (id int PRIMARY KEY, v int); INSERT INTO mx SELECT g, g FROM generate_series(1, 10) g")
+    pg.safe_psql(
+        "CREATE TABLE mx (id int PRIMARY KEY, v int); INSERT INTO mx SELECT g, g FROM generate_series(1, 10) g"
+    )
     barrier = threading.Barrier(2)
     errors: list[BaseException] = []
 

@@ -7,7 +7,12 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-from neon.postgres.constants import BKPIMAGE_COMPRESS_LZ4, BKPIMAGE_COMPRESS_PGLZ, BKPIMAGE_COMPRESS_ZSTD, rmgr_name
+from neon.postgres.constants import (
+    BKPIMAGE_COMPRESS_LZ4,
+    BKPIMAGE_COMPRESS_PGLZ,
+    BKPIMAGE_COMPRESS_ZSTD,
+    rmgr_name,
+)
 from neon.postgres.errors import WalDecodeError
 from neon.postgres.walfiles import read_wal_files
 from neon.postgres.walrecord import DecodedRecord, decode_record
@@ -42,8 +47,12 @@ def record_json(start: int, end: int, r: DecodedRecord) -> dict[str, object]:
                 "will_init": b.will_init,
                 "data_len": b.data_len,
                 **(
-                    {"image_len": b.image_len, "hole_offset": b.hole_offset, "hole_length": b.hole_length,
-                     "compression": _compression(b.bimg_info)}
+                    {
+                        "image_len": b.image_len,
+                        "hole_offset": b.hole_offset,
+                        "hole_length": b.hole_length,
+                        "compression": _compression(b.bimg_info),
+                    }
                     if b.has_image
                     else {}
                 ),

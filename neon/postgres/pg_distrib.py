@@ -151,7 +151,19 @@ def initdb(
     target = Path(datadir)
     user.make_dir(target, 0o700)
     user.run(
-        [distrib.bin("initdb"), "-D", target, "-U", "cloud_admin", "--no-instructions", "-A", "trust",
-         "-E", "UTF8", "--locale=C.UTF-8", *(extra_args or [])],
+        [
+            distrib.bin("initdb"),
+            "-D",
+            target,
+            "-U",
+            "cloud_admin",
+            "--no-instructions",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--locale=C.UTF-8",
+            *(extra_args or []),
+        ],
         env={**os.environ, "LC_ALL": "C.UTF-8", "TZ": "UTC"},
     )

@@ -2,7 +2,7 @@
 
 It validates every page header it crosses, reassembles records split across pages and segments,
 follows XLOG_SWITCH to the next segment, handles OVERWRITE_CONTRECORD, and checks each record's
-length, rmgr, prev-link and CRC (spec §1.3–§1.9, §2). The end of valid WAL is found by those
+length, rmgr, prev-link and CRC (spec §1.3-§1.9, §2). The end of valid WAL is found by those
 checks, never by looking for zeros: the first failure raises `WalDecodeError` with its LSN, and
 the decoder stays failed.
 """
@@ -48,9 +48,7 @@ _XLOG_SWITCH = 0x40
 # Postgres refuses records beyond its palloc limit; anything larger is garbage.
 MAX_RECORD_LENGTH = 0x3FFFFFFF
 
-_u16 = struct.Struct("<H").unpack_from
 _u32 = struct.Struct("<I").unpack_from
-_u64 = struct.Struct("<Q").unpack_from
 _short_hdr = struct.Struct("<HHIQI").unpack_from
 _long_tail = struct.Struct("<QII").unpack_from
 _rec_hdr = struct.Struct("<IIQBB").unpack_from
@@ -312,10 +310,7 @@ class WalStreamDecoder:
         self.prev_lsn = st.prev
         vals = _ffi.unpack(self._nout, 4 * n)
         buf = self._buf
-        return [
-            (vals[i], vals[i + 3], bytes(buf[vals[i + 1] : vals[i + 1] + vals[i + 2]]))
-            for i in range(0, 4 * n, 4)
-        ]
+        return [(vals[i], vals[i + 3], bytes(buf[vals[i + 1] : vals[i + 1] + vals[i + 2]])) for i in range(0, 4 * n, 4)]
 
     def _consume(self, n: int) -> None:
         self._off += n
@@ -323,7 +318,7 @@ class WalStreamDecoder:
         self._page_room -= n
 
     def _check_header(self, buf: bytes | bytearray, off: int, start: int) -> None:
-        tot_len, _xid, prev, _info, rmid = _rec_hdr(buf, off)
+        _tot_len, _xid, prev, _info, rmid = _rec_hdr(buf, off)
         if not rmid_is_valid(rmid):
             raise self._fail(f"invalid resource manager ID {rmid}", start)
         if self.prev_lsn is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import struct
 from collections.abc import Iterator, Sequence
@@ -52,7 +53,7 @@ def read_wal_files(
         ordered.append((segno, p))
         names[segno] = p
     ordered.sort()
-    for (a, pa), (b, _pb) in zip(ordered, ordered[1:], strict=False):
+    for (a, pa), (b, _pb) in itertools.pairwise(ordered):
         if b != a + 1:
             raise WalDecodeError(f"WAL files are not consecutive: gap after {pa.name}", None, str(pa))
     first_segno = ordered[0][0]

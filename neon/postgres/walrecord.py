@@ -39,7 +39,6 @@ _u16 = struct.Struct("<H").unpack_from
 _u32 = struct.Struct("<I").unpack_from
 _img_hdr = struct.Struct("<HHB").unpack_from
 _rnode_blk = struct.Struct("<IIII").unpack_from
-_u32x1 = struct.Struct("<I").unpack_from
 
 _zstd = zstandard.ZstdDecompressor()
 
@@ -118,8 +117,8 @@ class DecodedRecord:
         "prev",
         "record",
         "rmid",
-        "tot_len",
         "toplevel_xid",
+        "tot_len",
         "xid",
     )
 
