@@ -63,9 +63,11 @@ async def test_concurrent_requests_and_stderr_lines() -> None:
 async def test_crash_is_reported_and_next_request_succeeds() -> None:
     mgr = WalRedoManager("t" * 32, launch_stub, timeout=30)
     base = bytes(8192)
-    with structlog.testing.capture_logs() as logs:
-        with pytest.raises(WalRedoError, match=r"error applying 1 WAL records .* n_attempts=1"):
-            await mgr.request_redo(TAG, 0x2000000, (0x100, base), [(0x2000000, PostgresRecord(False, b"CRASH"))])
+    with (
+        structlog.testing.capture_logs() as logs,
+        pytest.raises(WalRedoError, match=r"error applying 1 WAL records .* n_attempts=1"),
+    ):
+        await mgr.request_redo(TAG, 0x2000000, (0x100, base), [(0x2000000, PostgresRecord(False, b"CRASH"))])
     # Both attempts failed, each process's stderr was fully logged before the error surfaced.
     crashes = [e for e in logs if e["event"] == "received output" and "cannot apply" in e["output"]]
     assert len(crashes) == 2 and crashes[0]["pid"] != crashes[1]["pid"]

@@ -15,7 +15,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from neon.walredo.protocol import MessageReader  # noqa: E402
+from neon.walredo.protocol import MessageReader
 
 PAGE = 8192
 

@@ -337,13 +337,6 @@ def describe_heap2(info: int, data: Buffer) -> HeapPayload | None:
     return None  # REWRITE and NEW_CID serve logical decoding only and touch no page
 
 
-def _block(block_numbers: Mapping[int, int], block_id: int, what: str) -> int:
-    try:
-        return block_numbers[block_id]
-    except KeyError:
-        raise PayloadError(f"{what}: record has no block reference #{block_id}") from None
-
-
 # (rmid, opcode) -> (main-data parser, flag meaning "cleared", VM bits it clears) for the records
 # whose clear applies to block 0. UPDATE/HOT_UPDATE (two pages) are handled separately.
 _VM_CLEAR_RULES: dict[tuple[int, int], tuple[Callable[[int, Buffer], HeapPayload], int, int]] = {
@@ -383,9 +376,7 @@ def _block(block_numbers: Mapping[int, int], block_id: int, what: str) -> int:
         raise PayloadError(f"{what}: record has no block reference #{block_id}") from None
 
 
-def vm_bits_cleared(
-    rmid: int, info: int, main_data: Buffer, block_numbers: Mapping[int, int]
-) -> list[tuple[int, int]]:
+def vm_bits_cleared(rmid: int, info: int, main_data: Buffer, block_numbers: Mapping[int, int]) -> list[tuple[int, int]]:
     """The (heap block number, VM bits) pairs that replaying this record clears in the VM fork.
 
     `block_numbers` maps block reference id -> block number for the record's references (block 0,
@@ -406,9 +397,7 @@ def vm_bits_cleared(
     return []
 
 
-def _update_vm_bits_cleared(
-    opcode: int, main_data: Buffer, block_numbers: Mapping[int, int]
-) -> list[tuple[int, int]]:
+def _update_vm_bits_cleared(opcode: int, main_data: Buffer, block_numbers: Mapping[int, int]) -> list[tuple[int, int]]:
     what = "HEAP " + HEAP_OPCODE_NAMES[opcode]
     flags = HeapUpdate.unpack(main_data, what).flags
     out: list[tuple[int, int]] = []

@@ -23,9 +23,7 @@ class RelFileNode:
     @classmethod
     def unpack_from(cls, buf: Buffer, off: int = 0) -> RelFileNode:
         if off < 0 or len(buf) - off < RELFILENODE_SIZE:
-            raise PayloadError(
-                f"RelFileNode: needs {RELFILENODE_SIZE} bytes at offset {off}, buffer has {len(buf)}"
-            )
+            raise PayloadError(f"RelFileNode: needs {RELFILENODE_SIZE} bytes at offset {off}, buffer has {len(buf)}")
         return cls(*_RNODE.unpack_from(buf, off))
 
     @classmethod

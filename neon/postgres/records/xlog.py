@@ -74,9 +74,7 @@ class CheckPoint:
     def unpack_from(cls, buf: Buffer, off: int = 0) -> CheckPoint:
         """Parse the struct embedded at `off` in a larger buffer (pg_control)."""
         if off < 0 or len(buf) - off < CHECKPOINT_SIZE:
-            raise PayloadError(
-                f"CheckPoint: needs {CHECKPOINT_SIZE} bytes at offset {off}, buffer has {len(buf)}"
-            )
+            raise PayloadError(f"CheckPoint: needs {CHECKPOINT_SIZE} bytes at offset {off}, buffer has {len(buf)}")
         return cls(*_CHECKPOINT.unpack_from(buf, off))
 
     def pack(self) -> bytes:
