@@ -50,9 +50,7 @@ class CheckPoint:
     @classmethod
     def unpack(cls, buf: bytes | bytearray | memoryview, offset: int = 0) -> CheckPoint:
         if offset < 0 or len(buf) - offset < SIZE_OF_CHECKPOINT:
-            raise CheckPointFormatError(
-                f"CheckPoint needs {SIZE_OF_CHECKPOINT} bytes, got {max(len(buf) - offset, 0)}"
-            )
+            raise CheckPointFormatError(f"CheckPoint needs {SIZE_OF_CHECKPOINT} bytes, got {max(len(buf) - offset, 0)}")
         return cls(*CHECKPOINT_STRUCT.unpack_from(buf, offset))
 
     def pack(self) -> bytes:
@@ -86,6 +84,6 @@ class CheckPoint:
         return self.next_xid >> 32
 
     @property
-    def next_xid32(self) -> int:
+    def next_xid_xid(self) -> int:
         """The 32-bit TransactionId part of `next_xid` (what pg_controldata prints after the colon)."""
         return self.next_xid & 0xFFFFFFFF

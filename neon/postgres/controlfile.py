@@ -152,9 +152,7 @@ class ControlFileData:
             )
         expected = crc32c(memoryview(buf)[:CONTROL_FILE_CRC_OFFSET])
         if self.crc != expected:
-            raise ControlFileError(
-                f"incorrect checksum in pg_control: stored {self.crc:08X}, computed {expected:08X}"
-            )
+            raise ControlFileError(f"incorrect checksum in pg_control: stored {self.crc:08X}, computed {expected:08X}")
         if self.catalog_version_no != CATALOG_VERSION_NO:
             raise ControlFileError(
                 f"pg_control catalog version is {self.catalog_version_no}, expected {CATALOG_VERSION_NO}"
@@ -176,9 +174,7 @@ class ControlFileData:
         }
         for name, value in wanted.items():
             if getattr(self, name) != value:
-                raise ControlFileError(
-                    f"pg_control {name} is {getattr(self, name)!r}, this build needs {value!r}"
-                )
+                raise ControlFileError(f"pg_control {name} is {getattr(self, name)!r}, this build needs {value!r}")
         if not is_valid_wal_segment_size(self.xlog_seg_size):
             raise ControlFileError(f"pg_control has invalid WAL segment size {self.xlog_seg_size}")
 

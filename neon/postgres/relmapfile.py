@@ -58,14 +58,9 @@ class RelMapFile:
         (stored,) = _CRC.unpack_from(buf, RELMAP_CRC_OFFSET)
         computed = crc32c(memoryview(buf)[:RELMAP_CRC_OFFSET])
         if stored != computed:
-            raise RelMapError(
-                f"pg_filenode.map checksum mismatch: stored {stored:08X}, computed {computed:08X}"
-            )
+            raise RelMapError(f"pg_filenode.map checksum mismatch: stored {stored:08X}, computed {computed:08X}")
         return cls(
-            tuple(
-                RelMapping(*_MAPPING.unpack_from(buf, _MAPPINGS_OFFSET + i * _MAPPING.size))
-                for i in range(num)
-            )
+            tuple(RelMapping(*_MAPPING.unpack_from(buf, _MAPPINGS_OFFSET + i * _MAPPING.size)) for i in range(num))
         )
 
     def encode(self) -> bytes:
@@ -105,6 +100,4 @@ def relmap_path(datadir: str | os.PathLike[str], spcnode: int, dbnode: int) -> s
         return os.path.join(datadir, "global", RELMAP_FILE_NAME)
     if spcnode == DEFAULTTABLESPACE_OID:
         return os.path.join(datadir, "base", str(dbnode), RELMAP_FILE_NAME)
-    return os.path.join(
-        datadir, "pg_tblspc", str(spcnode), TABLESPACE_VERSION_DIRECTORY, str(dbnode), RELMAP_FILE_NAME
-    )
+    return os.path.join(datadir, "pg_tblspc", str(spcnode), TABLESPACE_VERSION_DIRECTORY, str(dbnode), RELMAP_FILE_NAME)

@@ -274,18 +274,14 @@ def clog_page_precedes(page1: int, page2: int) -> bool:
     another when every xid on it is (the second test covers the far end of page2)."""
     x1 = (page1 * CLOG_XACTS_PER_PAGE + FIRST_NORMAL_TRANSACTION_ID + 1) & _U32_MAX
     x2 = (page2 * CLOG_XACTS_PER_PAGE + FIRST_NORMAL_TRANSACTION_ID + 1) & _U32_MAX
-    return transaction_id_precedes(x1, x2) and transaction_id_precedes(
-        x1, (x2 + CLOG_XACTS_PER_PAGE - 1) & _U32_MAX
-    )
+    return transaction_id_precedes(x1, x2) and transaction_id_precedes(x1, (x2 + CLOG_XACTS_PER_PAGE - 1) & _U32_MAX)
 
 
 def multixact_offset_page_precedes(page1: int, page2: int) -> bool:
     """MultiXactOffsetPagePrecedes, the same construction over multixact ids."""
     m1 = (page1 * MULTIXACT_OFFSETS_PER_PAGE + FIRST_MULTIXACT_ID + 1) & _U32_MAX
     m2 = (page2 * MULTIXACT_OFFSETS_PER_PAGE + FIRST_MULTIXACT_ID + 1) & _U32_MAX
-    return multixact_id_precedes(m1, m2) and multixact_id_precedes(
-        m1, (m2 + MULTIXACT_OFFSETS_PER_PAGE - 1) & _U32_MAX
-    )
+    return multixact_id_precedes(m1, m2) and multixact_id_precedes(m1, (m2 + MULTIXACT_OFFSETS_PER_PAGE - 1) & _U32_MAX)
 
 
 def slru_may_delete_segment(

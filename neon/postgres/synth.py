@@ -23,6 +23,7 @@ from neon.postgres.constants import (
     XLOG_BLCKSZ,
     XLOG_PAGE_MAGIC,
     XLP_ALL_FLAGS,
+    XLP_FIRST_IS_CONTRECORD,
     XLP_LONG_HEADER,
     maxalign,
 )
@@ -113,9 +114,7 @@ def synthesize_checkpoint(
     seg_size = cf.xlog_seg_size
     lsn_n = normalize_lsn(lsn, seg_size)
     if not 0 <= prev_record_lsn < lsn_n:
-        raise CheckpointSynthesisError(
-            f"xl_prev {Lsn(prev_record_lsn)} must be below the checkpoint LSN {Lsn(lsn_n)}"
-        )
+        raise CheckpointSynthesisError(f"xl_prev {Lsn(prev_record_lsn)} must be below the checkpoint LSN {Lsn(lsn_n)}")
     base = checkpoint if checkpoint is not None else cf.checkpoint_copy
     tli = base.this_timeline_id if tli is None else tli
     if not 1 <= tli <= 0xFFFFFFFF:
@@ -124,7 +123,8 @@ def synthesize_checkpoint(
     cp = base.replace(redo=lsn_n, this_timeline_id=tli, prev_timeline_id=tli, time=now, oldest_active_xid=0)
     record = checkpoint_record(cp, prev_record_lsn)
 
-    writer = WalWriter(lsn_n, sysid=cf.system_identifier, tli=tli, seg_size=seg_size)
+    # Plain headers as in the spec's recipe (and pg_resetwal): no XLP_BKP_REMOVABLE.
+    writer = WalWriter(lsn_n, sysid=cf.system_identifier, tli=tli, seg_size=seg_size, page_info=0)
     start, end = writer.append(record)
     assert start == lsn_n
     segs = writer.segments()
@@ -146,7 +146,7 @@ def synthesize_checkpoint(
                 f"need them up to {Lsn(seg_start + copy_len)}"
             )
         original = bytes(original_page_bytes[:copy_len])
-        _check_original_headers(original, cf, seg_start, page_start, tli)
+        _check_original_headers(original, cf, seg_start, lsn_n, tli)
         first[:copy_len] = original
     segs[segno] = bytes(first)
 
@@ -174,11 +174,11 @@ def synthesize_checkpoint(
     )
 
 
-def _check_original_headers(
-    original: bytes, cf: ControlFileData, seg_start: int, page_start: int, tli: int
-) -> None:
+def _check_original_headers(original: bytes, cf: ControlFileData, seg_start: int, lsn: int, tli: int) -> None:
     """The copied bytes must carry the page headers the server will validate: page 0 of the
-    segment and, if copied, the header of L's page."""
+    segment and, if copied, the header of L's page, whose continuation must end before L (a
+    reader starting at that page skips xlp_rem_len bytes to find the first record)."""
+    page_start = lsn - lsn % XLOG_BLCKSZ
 
     def check(page: int, long: bool) -> None:
         off = page - seg_start
@@ -200,6 +200,8 @@ def _check_original_headers(
             problems.append(f"system identifier {hdr.sysid} (pg_control has {cf.system_identifier})")
         if long and (hdr.seg_size != cf.xlog_seg_size or hdr.xlog_blcksz != XLOG_BLCKSZ):
             problems.append(f"segment/page size {hdr.seg_size}/{hdr.xlog_blcksz}")
+        if page == page_start and hdr.info & XLP_FIRST_IS_CONTRECORD and page + size + maxalign(hdr.rem_len) > lsn:
+            problems.append(f"a continuation of {hdr.rem_len} bytes that runs past {Lsn(lsn)}")
         if problems:
             raise CheckpointSynthesisError(f"{where} has an invalid header: {', '.join(problems)}")
 
