@@ -150,7 +150,7 @@ def test_checkpoint_layout_and_round_trip() -> None:
     assert describe(RM_XLOG_ID, xlog.XLOG_CHECKPOINT_SHUTDOWN, raw) == BOOTSTRAP_CHECKPOINT
     assert describe(RM_XLOG_ID, xlog.XLOG_CHECKPOINT_ONLINE, raw) == BOOTSTRAP_CHECKPOINT
     # Embedded in a larger buffer (pg_control keeps it at offset 40).
-    assert xlog.CheckPoint.unpack_from(b"\xaa" * 40 + raw + b"\xbb" * 8, 40) == BOOTSTRAP_CHECKPOINT
+    assert xlog.CheckPoint.unpack(b"\xaa" * 40 + raw + b"\xbb" * 8, 40) == BOOTSTRAP_CHECKPOINT
 
 
 def test_checkpoint_epoch_split() -> None:

@@ -37,7 +37,7 @@ from neon.postgres.walformat import (
     wal_file_name,
 )
 from neon.postgres.walwriter import WalWriter
-from neon.utils.crashsafe import TEMP_SUFFIX, fsync_path
+from neon.utils.crashsafe import durable_write, fsync_path
 from neon.utils.lsn import Lsn
 
 CHECKPOINT_RECORD_SIZE = 114  # 24-byte header + `ff 58` + 88-byte CheckPoint
@@ -224,8 +224,8 @@ def write_synthesized_checkpoint(datadir: str | os.PathLike[str], synthesized: S
     owner = (st.st_uid, st.st_gid)
     wal_dir = root / "pg_wal"
     for name, data in synthesized.segments.items():
-        _durable_write_owned(wal_dir / name, data, owner)
-    _durable_write_owned(Path(control_file_path(root)), synthesized.pg_control, owner)
+        durable_write(wal_dir / name, data, owner=owner)
+    durable_write(Path(control_file_path(root)), synthesized.pg_control, owner=owner)
 
     for p in wal_dir.iterdir():
         if p.name not in synthesized.segments and _WAL_POSITION_FILE.match(p.name) and not p.is_dir():
@@ -259,20 +259,3 @@ def synthesize_in_datadir(
     )
     write_synthesized_checkpoint(datadir, synthesized)
     return synthesized
-
-
-def _durable_write_owned(path: Path, data: bytes, owner: tuple[int, int], mode: int = 0o600) -> None:
-    """crashsafe.durable_write, but the file gets its owner before it appears under its name."""
-    tmp = path.with_name(path.name + TEMP_SUFFIX)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        if owner != (os.geteuid(), os.getegid()):
-            os.fchown(fd, *owner)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_path(path.parent)

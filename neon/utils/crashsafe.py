@@ -17,12 +17,18 @@ def fsync_path(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def durable_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> None:
-    """Replace `path` with `data` so that after a crash it holds either the old or the new bytes."""
+def durable_write(
+    path: str | os.PathLike[str], data: bytes, mode: int = 0o600, owner: tuple[int, int] | None = None
+) -> None:
+    """Replace `path` with `data` so that after a crash it holds either the old or the new bytes.
+
+    `owner` (uid, gid) is given to the file before it appears under its name."""
     target = Path(path)
     tmp = target.with_name(target.name + TEMP_SUFFIX)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
+        if owner is not None and owner != (os.geteuid(), os.getegid()):
+            os.fchown(fd, *owner)
         view = memoryview(data)
         while view:
             written = os.write(fd, view)

@@ -1,4 +1,5 @@
-"""XLOG (rmid 0) payloads: the CheckPoint struct and the small control records (spec §4.1).
+"""XLOG (rmid 0) payloads: checkpoints (the struct lives in `neon.postgres.checkpoint`) and the small
+control records (spec §4.1).
 
 FPI and FPI_FOR_HINT carry only block references (no main data) and NOOP carries nothing
 meaningful, so `describe` returns None for them.
@@ -9,13 +10,17 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from neon.postgres.checkpoint import (
+    SIZE_OF_CHECKPOINT,
+    XLOG_CHECKPOINT_ONLINE,
+    XLOG_CHECKPOINT_SHUTDOWN,
+    CheckPoint,
+)
 from neon.postgres.errors import PayloadError
 
 from ._reader import Buffer, cstr, fixed
 
 # Opcodes: xl_info & 0xF0.
-XLOG_CHECKPOINT_SHUTDOWN = 0x00
-XLOG_CHECKPOINT_ONLINE = 0x10
 XLOG_NOOP = 0x20
 XLOG_NEXTOID = 0x30
 XLOG_SWITCH = 0x40
@@ -33,8 +38,7 @@ WAL_LEVEL_MINIMAL = 0
 WAL_LEVEL_REPLICA = 1
 WAL_LEVEL_LOGICAL = 2
 
-_CHECKPOINT = struct.Struct("<QII?7xQIIIIIII4xqIII4x")
-CHECKPOINT_SIZE = _CHECKPOINT.size  # 88
+CHECKPOINT_SIZE = SIZE_OF_CHECKPOINT
 _OID = struct.Struct("<I")
 _LSN = struct.Struct("<Q")
 _PARAMETER_CHANGE = struct.Struct("<iiiiii??2x")
@@ -44,68 +48,11 @@ _END_OF_RECOVERY = struct.Struct("<qII")
 _OVERWRITE_CONTRECORD = struct.Struct("<Qq")
 
 
-@dataclass(frozen=True, slots=True)
-class CheckPoint:
-    """`CheckPoint` (catalog/pg_control.h): in checkpoint records and inside pg_control."""
-
-    redo: int
-    this_timeline_id: int
-    prev_timeline_id: int
-    full_page_writes: bool
-    next_xid: int  # FullTransactionId: epoch << 32 | xid
-    next_oid: int
-    next_multi: int
-    next_multi_offset: int
-    oldest_xid: int
-    oldest_xid_db: int
-    oldest_multi: int
-    oldest_multi_db: int
-    time: int  # pg_time_t: Unix seconds
-    oldest_commit_ts_xid: int
-    newest_commit_ts_xid: int
-    oldest_active_xid: int
-
-    @classmethod
-    def unpack(cls, data: Buffer) -> CheckPoint:
-        """Parse exactly 88 bytes (a checkpoint record's main data)."""
-        return cls(*fixed(data, _CHECKPOINT, "XLOG CHECKPOINT"))
-
-    @classmethod
-    def unpack_from(cls, buf: Buffer, off: int = 0) -> CheckPoint:
-        """Parse the struct embedded at `off` in a larger buffer (pg_control)."""
-        if off < 0 or len(buf) - off < CHECKPOINT_SIZE:
-            raise PayloadError(f"CheckPoint: needs {CHECKPOINT_SIZE} bytes at offset {off}, buffer has {len(buf)}")
-        return cls(*_CHECKPOINT.unpack_from(buf, off))
-
-    def pack(self) -> bytes:
-        """The 88 bytes with zero padding (the bytes are CRC-covered wherever they are stored)."""
-        return _CHECKPOINT.pack(
-            self.redo,
-            self.this_timeline_id,
-            self.prev_timeline_id,
-            self.full_page_writes,
-            self.next_xid,
-            self.next_oid,
-            self.next_multi,
-            self.next_multi_offset,
-            self.oldest_xid,
-            self.oldest_xid_db,
-            self.oldest_multi,
-            self.oldest_multi_db,
-            self.time,
-            self.oldest_commit_ts_xid,
-            self.newest_commit_ts_xid,
-            self.oldest_active_xid,
-        )
-
-    @property
-    def next_xid_epoch(self) -> int:
-        return self.next_xid >> 32
-
-    @property
-    def next_xid_xid(self) -> int:
-        """The 32-bit part of nextXid, as pg_waldump prints after the epoch ("0:731")."""
-        return self.next_xid & 0xFFFFFFFF
+def unpack_checkpoint(data: Buffer) -> CheckPoint:
+    """A checkpoint record's main data: exactly one CheckPoint."""
+    if len(data) != SIZE_OF_CHECKPOINT:
+        raise PayloadError(f"XLOG CHECKPOINT: main data is {len(data)} bytes, expected {SIZE_OF_CHECKPOINT}")
+    return CheckPoint.unpack(data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,8 +157,8 @@ XlogPayload = (
 )
 
 _PARSERS = {
-    XLOG_CHECKPOINT_SHUTDOWN: CheckPoint.unpack,
-    XLOG_CHECKPOINT_ONLINE: CheckPoint.unpack,
+    XLOG_CHECKPOINT_SHUTDOWN: unpack_checkpoint,
+    XLOG_CHECKPOINT_ONLINE: unpack_checkpoint,
     XLOG_NEXTOID: NextOid.unpack,
     XLOG_SWITCH: Switch.unpack,
     XLOG_BACKUP_END: BackupEnd.unpack,
