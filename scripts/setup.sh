@@ -40,6 +40,7 @@ elif [ ${#missing[@]} -gt 0 ]; then
 fi
 
 bash vendor/postgres/layout.sh "$PG_MAJOR"
+bash scripts/build_walredo.sh
 
 # The virtualenv is rebuilt only when pyproject.toml changes.
 stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)

@@ -9,29 +9,25 @@ created there.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-import struct
 import subprocess
 import tempfile
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from neon.postgres.pg_distrib import PgDistrib, PostgresUser, initdb
+from neon.postgres.pg_distrib import PgDistrib, PostgresUser
+from neon.walredo import protocol
+from neon.walredo.launcher import DEFAULT_EXTENSION, REPO_ROOT, helper_command, make_scratch_dir, scratch_parent
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-WALREDO_DIR = REPO_ROOT / "pgxn" / "neon_walredo"
-WALREDO_SO = WALREDO_DIR / "neon_walredo.so"
+WALREDO_SO = DEFAULT_EXTENSION
 BUILD_SCRIPT = REPO_ROOT / "scripts" / "build_walredo.sh"
 
-BLCKSZ = 8192
-SCRATCH_SUBDIRS = ("global", "base", "pg_notify", "pg_dynshmem")
-
-# (forknum, spcnode, dbnode, relnode, blkno)
+# (forknum, spcnode, dbnode, relnode, blkno), the order of the protocol's buffer tag
 BufferTag = tuple[int, int, int, int, int]
-_tag = struct.Struct(">BIIII")
-_len = struct.Struct(">i")
+BLCKSZ = protocol.PAGE_SIZE
 
 
 def build_walredo() -> Path:
@@ -42,14 +38,6 @@ def build_walredo() -> Path:
     return WALREDO_SO
 
 
-def scratch_parent() -> Path:
-    """tmpfs when there is one (file creation is ~50x cheaper than on ext4)."""
-    shm = Path("/dev/shm")
-    if shm.is_dir() and os.access(shm, os.W_OK):
-        return shm
-    return Path(tempfile.gettempdir())
-
-
 def new_scratch_root(prefix: str = "neon-walredo-") -> Path:
     """A fresh directory (under tmpfs when possible) the Postgres user can traverse."""
     root = Path(tempfile.mkdtemp(prefix=prefix, dir=scratch_parent()))
@@ -57,32 +45,11 @@ def new_scratch_root(prefix: str = "neon-walredo-") -> Path:
     return root
 
 
-def template_pg_control(distrib: PgDistrib, user: PostgresUser, cache_dir: Path) -> bytes:
-    """global/pg_control of a throw-away initdb in cache_dir (run once, then reused)."""
-    control = cache_dir / "pgdata" / "global" / "pg_control"
-    if not control.exists():
-        user.make_dir(cache_dir, 0o755)
-        initdb(distrib, user, cache_dir / "pgdata")
-    return control.read_bytes()
-
-
-def make_walredo_scratch(
-    dest: Path, pg_control: bytes, *, user: PostgresUser | None = None, pg_version: str = "15"
-) -> Path:
+def make_walredo_scratch(dest: Path, pg_control: bytes | None = None, *, user: PostgresUser | None = None) -> Path:
     """Create the helper's data directory at dest (which must not exist yet), owned by user."""
-    user = user or PostgresUser.resolve()
-    dest.mkdir(mode=0o700)
-    for sub in SCRATCH_SUBDIRS:
-        (dest / sub).mkdir(mode=0o700)
-    (dest / "PG_VERSION").write_text(pg_version + "\n")
-    (dest / "global" / "pg_control").write_bytes(pg_control)
-    (dest / "postgresql.conf").write_bytes(b"")
-    (dest / "postgresql.auto.conf").write_bytes(b"")
-    for root, dirs, files in os.walk(dest):
-        for name in [*dirs, *files]:
-            user.own(os.path.join(root, name))
-    user.own(dest, 0o700)
-    return dest
+    if dest.exists():
+        raise FileExistsError(dest)
+    return make_scratch_dir(dest, user or PostgresUser.resolve(), pg_control)
 
 
 def walredo_command(
@@ -93,52 +60,28 @@ def walredo_command(
     shared_buffers: str = "1MB",
     gucs: Mapping[str, str] | None = None,
 ) -> list[str]:
-    """The helper's command line."""
-    settings = {
-        "shared_preload_libraries": str(so_path),
-        "shared_buffers": shared_buffers,
-        "max_connections": "1",
-        "max_worker_processes": "0",
-        "max_wal_senders": "0",
-        "max_replication_slots": "0",
-        "max_prepared_transactions": "0",
-        "max_locks_per_transaction": "16",
-        "dynamic_shared_memory_type": "mmap",
-        "huge_pages": "off",
-        "listen_addresses": "",
-        **(gucs or {}),
-    }
-    cmd = [str(distrib.bin("postgres")), "--single", "-D", str(scratch), "-F"]
-    for name, value in settings.items():
-        cmd += ["-c", f"{name}={value}"]
-    return cmd
+    return helper_command(distrib, scratch, extension=so_path, shared_buffers=shared_buffers, gucs=gucs)
 
 
-# --- protocol ---------------------------------------------------------------------------------
-def message(kind: bytes, payload: bytes) -> bytes:
-    return kind + _len.pack(4 + len(payload)) + payload
-
-
-def encode_tag(tag: BufferTag) -> bytes:
-    return _tag.pack(*tag)
+def _tag(t: BufferTag) -> protocol.BufferTag:
+    fork, spc, db, rel, blk = t
+    return protocol.BufferTag(spc, db, rel, fork, blk)
 
 
 def encode_request(tag: BufferTag, base_image: bytes | None, records: Iterable[tuple[int, bytes]]) -> bytes:
     """B, P (if there is a base image), one A per (end_lsn, record), G."""
-    t = encode_tag(tag)
-    parts = [message(b"B", t)]
-    if base_image is not None:
-        assert len(base_image) == BLCKSZ
-        parts.append(message(b"P", t + base_image))
-    for end_lsn, rec in records:
-        parts.append(message(b"A", struct.pack(">Q", end_lsn) + rec))
-    parts.append(message(b"G", t))
-    return b"".join(parts)
+    return protocol.redo_request(_tag(tag), base_image, records)
 
 
 def encode_mask(rmid: int, blkno: int, page: bytes) -> bytes:
-    assert len(page) == BLCKSZ
-    return message(b"M", struct.pack(">BI", rmid, blkno) + page)
+    return protocol.mask_page(rmid, blkno, page)
+
+
+def encode_tag(tag: BufferTag) -> bytes:
+    return protocol.encode_tag(_tag(tag))
+
+
+message = protocol.message
 
 
 class WalRedoError(RuntimeError):
@@ -205,10 +148,8 @@ class WalRedoHelper:
 
     def close_stdin(self) -> None:
         if self.proc.stdin is not None and not self.proc.stdin.closed:
-            try:
+            with contextlib.suppress(BrokenPipeError):
                 self.proc.stdin.close()
-            except BrokenPipeError:
-                pass
 
     def wait(self, timeout: float = 10) -> int:
         self.close_stdin()
@@ -217,10 +158,8 @@ class WalRedoHelper:
         return rc
 
     def wait_stderr(self, timeout: float = 10) -> str:
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
         return self.stderr_text()
 
     def kill(self) -> None:
@@ -230,10 +169,8 @@ class WalRedoHelper:
         self._stderr_thread.join(5)
         for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             if f is not None:
-                try:
+                with contextlib.suppress(OSError):
                     f.close()
-                except OSError:
-                    pass
 
 
 def remove_scratch(path: Path) -> None:

@@ -33,32 +33,32 @@ def decode_tag(buf: bytes) -> BufferTag:
     return BufferTag(spc, db, rel, fork, blk)
 
 
-def _msg(kind: bytes, payload: bytes) -> bytes:
+def message(kind: bytes, payload: bytes) -> bytes:
     return _HDR.pack(kind, 4 + len(payload)) + payload
 
 
 def begin_redo_for_block(tag: BufferTag) -> bytes:
-    return _msg(b"B", encode_tag(tag))
+    return message(b"B", encode_tag(tag))
 
 
 def push_page(tag: BufferTag, page: bytes) -> bytes:
     if len(page) != PAGE_SIZE:
         raise RedoProtocolError(f"base image is {len(page)} bytes, expected {PAGE_SIZE}")
-    return _msg(b"P", encode_tag(tag) + page)
+    return message(b"P", encode_tag(tag) + page)
 
 
 def apply_record(end_lsn: int, record: bytes) -> bytes:
-    return _msg(b"A", _LSN.pack(end_lsn) + record)
+    return message(b"A", _LSN.pack(end_lsn) + record)
 
 
 def get_page(tag: BufferTag) -> bytes:
-    return _msg(b"G", encode_tag(tag))
+    return message(b"G", encode_tag(tag))
 
 
 def mask_page(rmid: int, blkno: int, page: bytes) -> bytes:
     if len(page) != PAGE_SIZE:
         raise RedoProtocolError(f"page is {len(page)} bytes, expected {PAGE_SIZE}")
-    return _msg(b"M", _MASK.pack(rmid, blkno) + page)
+    return message(b"M", _MASK.pack(rmid, blkno) + page)
 
 
 def redo_request(tag: BufferTag, base_image: bytes | None, records: Iterable[tuple[int, bytes]]) -> bytes:
