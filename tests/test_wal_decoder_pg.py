@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shutil
@@ -18,6 +19,7 @@ from neon.postgres import waldecoder
 from neon.postgres.constants import BLCKSZ, rmgr_name
 from neon.postgres.errors import WalDecodeError
 from neon.postgres.walfiles import read_wal_files
+from neon.postgres.walformat import skip_page_header
 from neon.postgres.walrecord import decode_record
 from tests.fixtures.vanilla import VanillaPostgres, make_test_root
 from tests.waldump_oracle import Dump, lsn_int, pg_waldump
@@ -67,6 +69,10 @@ def test_records_match_pg_waldump(wal_run: WalRun) -> None:
     assert len(dump.records) > 10000
     assert len(records) == len(dump.records)
     stats: Counter[str] = Counter()
+    # Each record's end LSN is where the next one starts (past a page header), or after an
+    # XLOG_SWITCH, the start of the next segment.
+    for (_, end, _), (next_start, _, _) in itertools.pairwise(records):
+        assert skip_page_header(end) == next_start, f"end {end:X} then {next_start:X}"
     for (start, end, rec), ref in zip(records, dump.records, strict=True):
         r = decode_record(rec, start)
         where = f"record at {start:X}"
