@@ -19,22 +19,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from neon.postgres.errors import WalDecodeError
 from neon.postgres.walfiles import read_wal_files
 from neon.postgres.walrecord import decode_record
+from neon.utils.lsn import Lsn
 from tests.fixtures.vanilla import VanillaPostgres, make_test_root
-from tests.walworkload import lsn_int
 
 
 def generate_wal(pg: VanillaPostgres, min_mb: int) -> tuple[list[Path], int, int]:
     pg.configure(["wal_keep_size = '8GB'", "max_wal_size = '8GB'", "autovacuum = off"])
     pg.start()
     try:
-        start = lsn_int(pg.current_wal_lsn())
+        start = Lsn(pg.current_wal_lsn())
         # Half bulk load (large multi-insert records), half TPC-B transactions (small records).
         scale = max(1, min_mb // 30)
         pg.pgbench(["-i", "-s", str(scale), "-q"])
         pg.safe_psql("CHECKPOINT")
-        while lsn_int(pg.current_wal_lsn()) - start < min_mb << 20:
+        while Lsn(pg.current_wal_lsn()) - start < min_mb << 20:
             pg.pgbench(["-c", "4", "-j", "2", "-t", "2000", "-n"])
-        end = lsn_int(pg.current_wal_lsn())
+        end = Lsn(pg.current_wal_lsn())
     finally:
         pg.stop()
     return pg.wal_segments(), start, end

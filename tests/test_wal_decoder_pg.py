@@ -21,8 +21,9 @@ from neon.postgres.errors import WalDecodeError
 from neon.postgres.walfiles import read_wal_files
 from neon.postgres.walformat import skip_page_header
 from neon.postgres.walrecord import decode_record
+from neon.utils.lsn import Lsn
 from tests.fixtures.vanilla import VanillaPostgres, make_test_root
-from tests.waldump_oracle import Dump, lsn_int, pg_waldump
+from tests.waldump_oracle import Dump, pg_waldump
 from tests.walworkload import WORKLOAD_CONFIG, run_varied_workload
 
 COMPRESSIONS = ["pglz", "lz4", "zstd"]
@@ -107,7 +108,7 @@ def test_records_match_pg_waldump(wal_run: WalRun) -> None:
     # End of WAL found at the same place as pg_waldump.
     assert err is not None and dump.error is not None
     m = re.search(r" at ([0-9A-F]+/[0-9A-F]+)", dump.error)
-    assert m and err.lsn == lsn_int(m[1]), (str(err), dump.error)
+    assert m and err.lsn == Lsn(m[1]), (str(err), dump.error)
     assert err.source and Path(err.source).name == f"{1:08X}{0:08X}{err.lsn >> 24:08X}"
     # The workload produced every shape we mean to test.
     assert stats[wal_run.compression] > 0, stats
@@ -176,10 +177,10 @@ def test_pagectl_waldump_json(wal_run: WalRun) -> None:
     lines = [json.loads(x) for x in proc.stdout.splitlines()]
     assert len(lines) == len(wal_run.dump.records)
     for obj, ref in zip(lines, wal_run.dump.records, strict=True):
-        assert lsn_int(obj["lsn"]) == ref.lsn
-        assert lsn_int(obj["prev"]) == ref.prev
+        assert Lsn(obj["lsn"]) == ref.lsn
+        assert Lsn(obj["prev"]) == ref.prev
         assert obj["rmgr"] == ref.rmgr and obj["xid"] == ref.xid and obj["tot_len"] == ref.tot_len
-        assert lsn_int(obj["end_lsn"]) > ref.lsn
+        assert Lsn(obj["end_lsn"]) > ref.lsn
         blocks = [
             (b["spc"], b["db"], b["rel"], b["fork"], b["blk"], b["has_image"], b["apply_image"]) for b in obj["blocks"]
         ]

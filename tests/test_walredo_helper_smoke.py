@@ -22,6 +22,7 @@ from neon.postgres.errors import WalDecodeError
 from neon.postgres.pg_distrib import PgDistrib, PostgresUser
 from neon.postgres.walfiles import read_wal_files
 from neon.postgres.walrecord import decode_record
+from neon.utils.lsn import Lsn
 from neon.walredo.launcher import helper_pg_control
 from tests.fixtures.vanilla import VanillaPostgres
 from tests.walredo_scratch import (
@@ -160,11 +161,6 @@ def collect_chains(pg: VanillaPostgres, rels: dict[str, tuple[int, int, int]], w
     return chains
 
 
-def lsn_int(text: str) -> int:
-    hi, lo = text.split("/")
-    return int(hi, 16) << 32 | int(lo, 16)
-
-
 def page_lsn(page: bytes) -> int:
     hi, lo = struct.unpack_from("<II", page, 0)
     return hi << 32 | lo
@@ -181,7 +177,7 @@ def test_reconstruct_heap_and_btree_pages(vanilla_pg: VanillaPostgres, helpers: 
     for name in ("t", "t_k"):
         filenode = pg.safe_psql(f"SELECT pg_relation_filenode('{name}')")[0][0]
         rels[name] = (1663, db_oid, filenode)
-    wal_end = lsn_int(pg.current_wal_lsn())
+    wal_end = Lsn(pg.current_wal_lsn())
     pg.stop()
 
     chains = collect_chains(pg, rels, wal_end)

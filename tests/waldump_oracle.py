@@ -7,6 +7,8 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from neon.utils.lsn import Lsn
+
 _REC = re.compile(
     r"^rmgr: (?P<rmgr>\S+)\s+len \(rec/tot\):\s+(?P<rec>\d+)/\s*(?P<tot>\d+), tx:\s+(?P<xid>\d+), "
     r"lsn: (?P<lsn>[0-9A-F]+/[0-9A-F]+), prev (?P<prev>[0-9A-F]+/[0-9A-F]+), desc: (?P<desc>.*)$"
@@ -18,11 +20,6 @@ _BLK = re.compile(
 )
 _ERR = re.compile(r"error in WAL record at (?P<at>[0-9A-F]+/[0-9A-F]+): (?P<msg>.*)$")
 FORKS = {"main": 0, "fsm": 1, "vm": 2, "init": 3}
-
-
-def lsn_int(text: str) -> int:
-    hi, lo = text.split("/")
-    return (int(hi, 16) << 32) | int(lo, 16)
 
 
 @dataclass
@@ -69,8 +66,8 @@ def pg_waldump(pg_waldump_bin: Path, files: list[Path]) -> Dump:
         if m := _REC.match(line):
             records.append(
                 DumpRecord(
-                    lsn=lsn_int(m["lsn"]),
-                    prev=lsn_int(m["prev"]),
+                    lsn=Lsn(m["lsn"]),
+                    prev=Lsn(m["prev"]),
                     rmgr=m["rmgr"],
                     xid=int(m["xid"]),
                     tot_len=int(m["tot"]),
@@ -98,4 +95,4 @@ def pg_waldump(pg_waldump_bin: Path, files: list[Path]) -> Dump:
         else:
             raise AssertionError(f"unparsed pg_waldump line: {line!r}")
     err = _ERR.search(proc.stderr)
-    return Dump(records, lsn_int(err["at"]) if err else None, err["msg"] if err else None)
+    return Dump(records, Lsn(err["at"]) if err else None, err["msg"] if err else None)

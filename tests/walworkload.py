@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+from neon.utils.lsn import Lsn
 from tests.fixtures.vanilla import VanillaPostgres
 
 WAL_SEGMENT_SIZE = 16 * 1024 * 1024
@@ -15,11 +16,6 @@ WORKLOAD_CONFIG = [
     "max_prepared_transactions = 5",
     "autovacuum = off",
 ]
-
-
-def lsn_int(text: str) -> int:
-    hi, lo = text.split("/")
-    return (int(hi, 16) << 32) | int(lo, 16)
 
 
 def run_varied_workload(pg: VanillaPostgres, *, pgbench_scale: int = 1, pgbench_txns: int = 300) -> None:
@@ -72,7 +68,7 @@ def run_varied_workload(pg: VanillaPostgres, *, pgbench_scale: int = 1, pgbench_
     _make_multixacts(pg)
     # A record much larger than a WAL page, then one crossing a segment boundary.
     sql("SELECT pg_logical_emit_message(false, 'big', repeat('x', 100000))")
-    cur_lsn = lsn_int(pg.current_wal_lsn())
+    cur_lsn = Lsn(pg.current_wal_lsn())
     to_boundary = WAL_SEGMENT_SIZE - cur_lsn % WAL_SEGMENT_SIZE
     sql(f"SELECT pg_logical_emit_message(false, 'cross', repeat('y', {to_boundary + 5000}))")
     sql("SELECT pg_switch_wal()")

@@ -29,6 +29,7 @@ from neon.postgres.constants import (
 )
 from neon.postgres.crc32c import crc32c
 from neon.postgres.errors import WalDecodeError
+from neon.utils.lsn import Lsn
 
 try:
     if os.environ.get("NEON_NO_NATIVE"):
@@ -52,10 +53,6 @@ _u32 = struct.Struct("<I").unpack_from
 _short_hdr = struct.Struct("<HHIQI").unpack_from
 _long_tail = struct.Struct("<QII").unpack_from
 _rec_hdr = struct.Struct("<IIQBB").unpack_from
-
-
-def _fmt(lsn: int) -> str:
-    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
 
 
 class WalStreamDecoder:
@@ -158,7 +155,7 @@ class WalStreamDecoder:
         if info & ~XLP_ALL_FLAGS:
             raise self._fail(f"invalid info bits {info:04X} in WAL page", pos)
         if pageaddr != pos:
-            raise self._fail(f"unexpected pageaddr {_fmt(pageaddr)} in WAL page", pos)
+            raise self._fail(f"unexpected pageaddr {Lsn(pageaddr)} in WAL page", pos)
         if is_seg_start:
             if not info & XLP_LONG_HEADER:
                 raise self._fail("WAL segment's first page lacks a long header", pos)
@@ -183,11 +180,11 @@ class WalStreamDecoder:
                 # The record in progress was lost in a crash; the page starts afresh.
                 self._partial = None
             elif not info & XLP_FIRST_IS_CONTRECORD:
-                raise self._fail(f"there is no contrecord flag (record at {_fmt(self._partial_start)})", pos)
+                raise self._fail(f"there is no contrecord flag (record at {Lsn(self._partial_start)})", pos)
             elif rem_len != outstanding:
                 raise self._fail(
                     f"invalid contrecord length {rem_len} (expected {outstanding}) "
-                    f"for record at {_fmt(self._partial_start)}",
+                    f"for record at {Lsn(self._partial_start)}",
                     pos,
                 )
         elif self._skip:
@@ -323,9 +320,9 @@ class WalStreamDecoder:
             raise self._fail(f"invalid resource manager ID {rmid}", start)
         if self.prev_lsn is None:
             if prev >= start:
-                raise self._fail(f"record with incorrect prev-link {_fmt(prev)}", start)
+                raise self._fail(f"record with incorrect prev-link {Lsn(prev)}", start)
         elif prev != self.prev_lsn:
-            raise self._fail(f"record with incorrect prev-link {_fmt(prev)} (expected {_fmt(self.prev_lsn)})", start)
+            raise self._fail(f"record with incorrect prev-link {Lsn(prev)} (expected {Lsn(self.prev_lsn)})", start)
 
     def _finish(self, rec: bytes, start: int) -> WalRecordBytes:
         view = memoryview(rec)

@@ -16,6 +16,7 @@ from typing import Any
 
 import structlog
 
+from neon.utils.lsn import Lsn
 from neon.walredo import apply_neon
 from neon.walredo.metrics import WalRedoMetrics
 from neon.walredo.process import WalRedoError, WalRedoProcess
@@ -28,10 +29,6 @@ MAX_RETRY_ATTEMPTS = 1
 Launcher = Callable[[Any], Awaitable[WalRedoProcess]]
 
 
-def _lsn(v: int) -> str:
-    return f"{v >> 32:X}/{v & 0xFFFFFFFF:X}"
-
-
 @dataclass(frozen=True)
 class RedoRequestContext:
     target: RedoTarget
@@ -42,10 +39,10 @@ class RedoRequestContext:
     def describe(self, attempt: int) -> str:
         first, last = self.records[0][0], self.records[-1][0]
         nbytes = sum(len(r.rec) for _, r in self.records if isinstance(r, PostgresRecord))
-        base = _lsn(self.base_lsn) if self.base_lsn is not None else "none"
+        base = Lsn(self.base_lsn) if self.base_lsn is not None else "none"
         return (
-            f"error applying {len(self.records)} WAL records {_lsn(first)}..{_lsn(last)} ({nbytes} bytes) "
-            f"to base image with LSN {base} to reconstruct page image at LSN {_lsn(self.lsn)} "
+            f"error applying {len(self.records)} WAL records {Lsn(first)}..{Lsn(last)} ({nbytes} bytes) "
+            f"to base image with LSN {base} to reconstruct page image at LSN {Lsn(self.lsn)} "
             f"n_attempts={attempt}"
         )
 
