@@ -56,7 +56,7 @@ async def test_concurrent_requests_and_stderr_lines() -> None:
     # Start-up line, 3 lines per request, and the exit line: all logged, with pid and tenant.
     assert len(lines) == 1 + 3 * n_tasks * per_task + 1, len(lines)
     assert all(e["pid"] == proc.pid and e["tenant_id"] == "t" * 32 and e["pg_version"] == 15 for e in lines)
-    assert mgr.metrics.process_restarts._value.get() == 0
+    assert mgr.metrics.process_restarts.value == 0
     assert not [e for e in logs if e["log_level"] == "error"]
 
 
@@ -71,7 +71,7 @@ async def test_crash_is_reported_and_next_request_succeeds() -> None:
     # Both attempts failed, each process's stderr was fully logged before the error surfaced.
     crashes = [e for e in logs if e["event"] == "received output" and "cannot apply" in e["output"]]
     assert len(crashes) == 2 and crashes[0]["pid"] != crashes[1]["pid"]
-    assert mgr.metrics.process_restarts._value.get() == 2
+    assert mgr.metrics.process_restarts.value == 2
     r = recs(3, 1)
     assert await mgr.request_redo(TAG, 1, (0, base), r) == expected(base, [(lsn, x.rec) for lsn, x in r])
     await mgr.shutdown()

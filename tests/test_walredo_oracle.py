@@ -246,8 +246,8 @@ async def test_stderr_race_with_logging_helper(cluster: Cluster) -> None:
             await mgr.shutdown()
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    assert mgr.metrics.process_restarts._value.get() == 0
-    assert mgr.metrics.failures._value.get() == 0
+    assert mgr.metrics.process_restarts.value == 0
+    assert mgr.metrics.failures.value == 0
     lines = [e for e in logs if e["event"] == "received output"]
     request_lines = [e for e in lines if "GetPage" in e["output"] or "request" in e["output"].lower()]
     assert len(request_lines) >= n_tasks * per_task, (len(request_lines), lines[:3])

@@ -91,7 +91,7 @@ class WalRedoManager:
                     raise WalRedoError(f"invalid neon WAL redo request for {target} with no base image")
                 image = apply_neon.apply_batch(target, image, run)
             else:
-                image = await self._apply_postgres(RedoRequestContext(target, lsn, base_lsn, run), image)
+                image = await self._apply_postgres(target, lsn, base_lsn, run, image)
             base_lsn = run[-1][0]
             start = end
         assert image is not None
@@ -117,36 +117,46 @@ class WalRedoManager:
         return self._process
 
     # --- Postgres runs ---------------------------------------------------------------------
-    async def _apply_postgres(self, ctx: RedoRequestContext, image: bytes | None) -> bytes:
-        target = ctx.target
+    async def _apply_postgres(
+        self,
+        target: RedoTarget,
+        lsn: int,
+        base_lsn: int | None,
+        records: Sequence[tuple[int, WalRecord]],
+        image: bytes | None,
+    ) -> bytes:
         if not isinstance(target, BufferTag):
             raise WalRedoError(f"Postgres records cannot be applied to {target}: only relation pages")
-        for _, r in ctx.records:
-            if not isinstance(r, PostgresRecord):
-                raise WalRedoError("tried to pass a neon WAL record to Postgres WAL redo")
         if image is not None and len(image) != PAGE_SIZE:
             raise WalRedoError(f"base image for {target} is {len(image)} bytes")
-        request = redo_request(target, image, [(lsn, r.rec) for lsn, r in ctx.records])
-        self.metrics.records.observe(len(ctx.records))
-        self.metrics.bytes.observe(len(request))
+        try:
+            request = redo_request(target, image, [(rec_lsn, r.rec) for rec_lsn, r in records])  # type: ignore[union-attr]
+        except AttributeError:
+            raise WalRedoError("tried to pass a neon WAL record to Postgres WAL redo") from None
+        m = self.metrics
         attempt = 0
         while True:
-            t0 = time.monotonic()
-            proc = await self._get_process()
-            self.metrics.wait_seconds.observe(time.monotonic() - t0)
+            proc = self._process
+            if proc is None or not proc.alive:
+                t0 = time.monotonic()
+                proc = await self._get_process()
+                m.wait_seconds.observe(time.monotonic() - t0)
             t1 = time.monotonic()
             try:
                 page = await proc.request(request, self.timeout)
             except WalRedoError as e:
+                # The context is only built when it is needed: this is the hot path.
+                ctx = RedoRequestContext(target, lsn, base_lsn, records)
                 self.log.error(ctx.describe(attempt), error=str(e), pid=proc.pid)
                 await self._discard(proc)
                 if attempt >= MAX_RETRY_ATTEMPTS or self._closed:
-                    self.metrics.failures.inc()
+                    m.failures.inc()
                     raise WalRedoError(f"{ctx.describe(attempt)}: {e}") from None
                 attempt += 1
                 continue
-            self.metrics.redo_seconds.observe(time.monotonic() - t1)
-            self.metrics.replayed_records.inc(len(ctx.records))
+            m.redo_seconds.observe(time.monotonic() - t1)
+            m.records.observe(len(records))
+            m.replayed_records.inc(len(records))
             if attempt:
                 self.log.info("retried walredo succeeded", n_attempts=attempt)
             return page

@@ -38,7 +38,6 @@ class WalRedoProcess:
         self.pid = proc.pid
         self.log = log.bind(pid=proc.pid)
         self.started = time.monotonic()
-        self._write_lock = asyncio.Lock()
         self._pending: deque[asyncio.Future[bytes]] = deque()
         self._failure: WalRedoError | None = None
         self._stderr_level = stderr_level
@@ -79,23 +78,28 @@ class WalRedoProcess:
             raise self._failure
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[bytes] = loop.create_future()
-        deadline = loop.time() + timeout
+        stdin = self.proc.stdin
+        assert stdin is not None
+        # Queueing the future and writing happen without a yield in between, so responses
+        # (read in order by one task) match requests in order without a lock.
+        self._pending.append(fut)
         try:
-            async with asyncio.timeout_at(deadline):
-                async with self._write_lock:
-                    if self._failure is not None:
-                        raise self._failure
-                    assert self.proc.stdin is not None
-                    self._pending.append(fut)
-                    self.proc.stdin.write(data)
-                    await self.proc.stdin.drain()
-                return await asyncio.shield(fut)
-        except TimeoutError:
-            self._fail(WalRedoTimeout(f"WAL redo timed out after {timeout:.1f}s"))
+            stdin.write(data)
+        except (BrokenPipeError, ConnectionResetError, RuntimeError):
+            self._fail(WalRedoError("WAL redo process closed its stdin unexpectedly"))
             raise self._failure from None
+        timer = loop.call_later(timeout, self._timed_out, timeout)
+        try:
+            await stdin.drain()
+            return await fut
         except (BrokenPipeError, ConnectionResetError):
             self._fail(WalRedoError("WAL redo process closed its stdin unexpectedly"))
             raise self._failure from None
+        finally:
+            timer.cancel()
+
+    def _timed_out(self, timeout: float) -> None:
+        self._fail(WalRedoTimeout(f"WAL redo timed out after {timeout:.1f}s"))
 
     def _fail(self, err: WalRedoError) -> None:
         if self._failure is None:

@@ -61,13 +61,25 @@ def mask_page(rmid: int, blkno: int, page: bytes) -> bytes:
     return message(b"M", _MASK.pack(rmid, blkno) + page)
 
 
+_B = struct.Struct(">cIBIIII")
+_P_HDR = struct.Struct(">cIBIIII")
+_A_HDR = struct.Struct(">cIQ")
+
+
 def redo_request(tag: BufferTag, base_image: bytes | None, records: Iterable[tuple[int, bytes]]) -> bytes:
     """One whole request: B, P if there is a base image, one A per (end LSN, record), G."""
-    parts = [begin_redo_for_block(tag)]
+    t = (tag.fork, tag.spc, tag.db, tag.rel, tag.blk)
+    parts = [_B.pack(b"B", 21, *t)]
     if base_image is not None:
-        parts.append(push_page(tag, base_image))
-    parts.extend(apply_record(lsn, rec) for lsn, rec in records)
-    parts.append(get_page(tag))
+        if len(base_image) != PAGE_SIZE:
+            raise RedoProtocolError(f"base image is {len(base_image)} bytes, expected {PAGE_SIZE}")
+        parts.append(_P_HDR.pack(b"P", 21 + PAGE_SIZE, *t))
+        parts.append(base_image)
+    a_hdr = _A_HDR.pack
+    for lsn, rec in records:
+        parts.append(a_hdr(b"A", 12 + len(rec), lsn))
+        parts.append(rec)
+    parts.append(_B.pack(b"G", 21, *t))
     return b"".join(parts)
 
 
