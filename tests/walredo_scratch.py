@@ -20,7 +20,14 @@ from pathlib import Path
 
 from neon.postgres.pg_distrib import PgDistrib, PostgresUser
 from neon.walredo import protocol
-from neon.walredo.launcher import DEFAULT_EXTENSION, REPO_ROOT, helper_command, make_scratch_dir, scratch_parent
+from neon.walredo.launcher import (
+    DEFAULT_EXTENSION,
+    REPO_ROOT,
+    helper_command,
+    install_extension,
+    make_scratch_dir,
+    scratch_parent,
+)
 
 WALREDO_SO = DEFAULT_EXTENSION
 BUILD_SCRIPT = REPO_ROOT / "scripts" / "build_walredo.sh"
@@ -60,7 +67,8 @@ def walredo_command(
     shared_buffers: str = "1MB",
     gucs: Mapping[str, str] | None = None,
 ) -> list[str]:
-    return helper_command(distrib, scratch, extension=so_path, shared_buffers=shared_buffers, gucs=gucs)
+    so = install_extension(scratch, so_path, PostgresUser.resolve())
+    return helper_command(distrib, scratch, extension=so, shared_buffers=shared_buffers, gucs=gucs)
 
 
 def _tag(t: BufferTag) -> protocol.BufferTag:

@@ -48,7 +48,9 @@ class PgDistrib:
         path = self.bin_dir / name
         if not path.exists():
             raise PgDistribError(f"{path} not found: is PostgreSQL {self.major} laid out (make setup)?")
-        return path
+        # The real path: the unprivileged user may not be able to traverse the checkout's
+        # directories (a clone under /root), only the installation's.
+        return path.resolve()
 
     @classmethod
     def default(cls) -> PgDistrib:

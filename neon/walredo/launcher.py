@@ -9,6 +9,7 @@ of the same tenant's helper (Postgres then removes the dead process's shared mem
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -152,6 +153,24 @@ def helper_command(
     return cmd
 
 
+def install_extension(scratch: Path, extension: Path, user: PostgresUser) -> Path:
+    """A copy of the helper library inside the scratch directory: the checkout holding the
+    original may not be readable by the unprivileged user (a clone under /root)."""
+    dest = scratch / extension.name
+    src = extension.stat()
+    try:
+        st = dest.stat()
+        if st.st_size == src.st_size and st.st_mtime_ns == src.st_mtime_ns:
+            return dest
+    except FileNotFoundError:
+        pass
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.copy2(extension, tmp)
+    user.own(tmp, 0o755)
+    os.replace(tmp, dest)
+    return dest
+
+
 def _remove_stale_pid_file(scratch: Path) -> None:
     """A postmaster.pid naming a live process that is not a helper of ours (a reused pid) would
     make Postgres refuse to start; one naming a dead process is left for Postgres to clean up."""
@@ -188,8 +207,9 @@ class PostgresRedoLauncher:
         make_scratch_dir(self.scratch_dir, self.user)
         _remove_stale_pid_file(self.scratch_dir)
         gucs = {"neon_walredo.log_each_request": "on"} if self.log_each_request else {}
+        extension = install_extension(self.scratch_dir, self.extension, self.user)
         argv = helper_command(
-            self.distrib, self.scratch_dir, extension=self.extension, shared_buffers=self.shared_buffers, gucs=gucs
+            self.distrib, self.scratch_dir, extension=extension, shared_buffers=self.shared_buffers, gucs=gucs
         )
-        env = {"LD_LIBRARY_PATH": str(self.distrib.lib_dir), "LC_ALL": "C"}
+        env = {"LD_LIBRARY_PATH": str(self.distrib.lib_dir.resolve()), "LC_ALL": "C"}
         return await WalRedoProcess.launch(argv, env=env, log=log, cwd="/", popen_kwargs=self.user.popen_kwargs())
