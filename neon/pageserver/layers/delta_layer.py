@@ -17,11 +17,10 @@ from neon.utils.id import TenantId, TimelineId
 from neon.utils.lsn import Lsn
 
 from .blob import DEFAULT_ZSTD_LEVEL
-from .blockio import BlockReadStats
 from .index import NODE_HEADER_SIZE, VALUE_SIZE
-from .layer_file import LayerFile, LayerFileWriter
+from .layer_file import LayerFileWriter, LayerReader
 from .layer_name import KEY_SIZE, LSN_MAX, DeltaLayerName, check_key, delta_temp_file_name
-from .summary import LayerKind, LayerSummary
+from .summary import LayerKind
 
 DeltaEntry = tuple[int, bool, bytes]  # (lsn, will_init, value)
 _INDEX_KEY_SIZE = LayerKind.DELTA.index_key_size
@@ -74,10 +73,6 @@ class DeltaLayerWriter:
         return self._file.temp_path
 
     @property
-    def entry_count(self) -> int:
-        return self._file.entry_count
-
-    @property
     def bytes_written(self) -> int:
         return self._file.bytes_written
 
@@ -119,63 +114,16 @@ class DeltaLayerWriter:
         self._file.__exit__(None, None, None)
 
 
-class DeltaLayer:
+class DeltaLayer(LayerReader):
     """A delta layer file opened for reading (thread-safe; `close` when done)."""
 
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        tenant_id: TenantId | None = None,
-        timeline_id: TimelineId | None = None,
-        cache_blocks: int = 16,
-        cache_nodes: int = 32,
-    ) -> None:
-        self._file = LayerFile(
-            path,
-            LayerKind.DELTA,
-            tenant_id=tenant_id,
-            timeline_id=timeline_id,
-            cache_blocks=cache_blocks,
-            cache_nodes=cache_nodes,
-        )
-        self.name: DeltaLayerName = self._file.name  # type: ignore[assignment]
-        self._find_le = self._file.index.find_le
-        self._leaf = self._file.index.leaf
-        self._read_blob = self._file.read_blob
+    KIND = LayerKind.DELTA
 
-    @property
-    def path(self) -> Path:
-        return self._file.path
-
-    @property
-    def summary(self) -> LayerSummary:
-        return self._file.summary
-
-    @property
-    def key_range(self) -> tuple[bytes, bytes]:
-        return self.name.key_range
-
-    @property
-    def lsn_range(self) -> tuple[Lsn, Lsn]:
-        return self.name.lsn_range
+    name: DeltaLayerName
 
     @property
     def is_l0(self) -> bool:
         return self.name.is_l0
-
-    @property
-    def entry_count(self) -> int:
-        return self._file.summary.entry_count
-
-    @property
-    def index_depth(self) -> int:
-        return self._file.summary.index_depth
-
-    @property
-    def block_stats(self) -> BlockReadStats:
-        """Counters of block reads (file reads vs cache hits), for tests and metrics."""
-        return self._file.blocks.stats
 
     def get(self, key: bytes, lsn_floor: int, lsn_end: int) -> DeltaGetResult:
         """Entries of `key` with ``lsn_floor ≤ LSN < lsn_end``, newest first, up to the first will_init.
@@ -230,19 +178,3 @@ class DeltaLayer:
 
     def __iter__(self) -> Iterator[tuple[bytes, int, bool, bytes]]:
         return self.iter_entries()
-
-    def verify(self) -> None:
-        """Read and check everything (checksums, index structure, every value); raises on damage."""
-        self._file.verify()
-
-    def close(self) -> None:
-        self._file.close()
-
-    def __enter__(self) -> DeltaLayer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"DeltaLayer({self.name})"

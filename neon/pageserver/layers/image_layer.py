@@ -14,10 +14,9 @@ from neon.utils.id import TenantId, TimelineId
 from neon.utils.lsn import Lsn
 
 from .blob import DEFAULT_ZSTD_LEVEL
-from .blockio import BlockReadStats
-from .layer_file import LayerFile, LayerFileWriter
+from .layer_file import LayerFileWriter, LayerReader
 from .layer_name import KEY_SIZE, ImageLayerName, check_key, image_temp_file_name
-from .summary import LayerKind, LayerSummary
+from .summary import LayerKind
 
 
 class ImageLayerWriter:
@@ -54,10 +53,6 @@ class ImageLayerWriter:
         return self._file.temp_path
 
     @property
-    def entry_count(self) -> int:
-        return self._file.entry_count
-
-    @property
     def bytes_written(self) -> int:
         return self._file.bytes_written
 
@@ -85,61 +80,16 @@ class ImageLayerWriter:
         self._file.__exit__(None, None, None)
 
 
-class ImageLayer:
+class ImageLayer(LayerReader):
     """An image layer file opened for reading (thread-safe; `close` when done)."""
 
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        tenant_id: TenantId | None = None,
-        timeline_id: TimelineId | None = None,
-        cache_blocks: int = 16,
-        cache_nodes: int = 32,
-    ) -> None:
-        self._file = LayerFile(
-            path,
-            LayerKind.IMAGE,
-            tenant_id=tenant_id,
-            timeline_id=timeline_id,
-            cache_blocks=cache_blocks,
-            cache_nodes=cache_nodes,
-        )
-        self.name: ImageLayerName = self._file.name  # type: ignore[assignment]
-        self._find_le = self._file.index.find_le
-        self._read_blob = self._file.read_blob
+    KIND = LayerKind.IMAGE
 
-    @property
-    def path(self) -> Path:
-        return self._file.path
-
-    @property
-    def summary(self) -> LayerSummary:
-        return self._file.summary
-
-    @property
-    def key_range(self) -> tuple[bytes, bytes]:
-        return self.name.key_range
+    name: ImageLayerName
 
     @property
     def lsn(self) -> Lsn:
         return self.name.lsn
-
-    @property
-    def lsn_range(self) -> tuple[Lsn, Lsn]:
-        return self.name.lsn_range
-
-    @property
-    def entry_count(self) -> int:
-        return self._file.summary.entry_count
-
-    @property
-    def index_depth(self) -> int:
-        return self._file.summary.index_depth
-
-    @property
-    def block_stats(self) -> BlockReadStats:
-        return self._file.blocks.stats
 
     def get(self, key: bytes) -> bytes | None:
         """The key's value as of the layer LSN, or None when the layer has no such key."""
@@ -163,19 +113,3 @@ class ImageLayer:
 
     def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
         return self.iter_entries()
-
-    def verify(self) -> None:
-        """Read and check everything (checksums, index structure, every value); raises on damage."""
-        self._file.verify()
-
-    def close(self) -> None:
-        self._file.close()
-
-    def __enter__(self) -> ImageLayer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"ImageLayer({self.name})"

@@ -11,12 +11,13 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
+from typing import Self, TypeVar
 
 import zstandard
 
 from neon.utils.crashsafe import fsync_path
 from neon.utils.id import TenantId, TimelineId
+from neon.utils.lsn import Lsn
 
 from .blob import LENGTH_MASK, LONG_HEADER_SIZE, ZSTD_FLAG, BlobEncoder, decompress
 from .blockio import (
@@ -24,6 +25,7 @@ from .blockio import (
     CHECKSUM_SIZE,
     PAYLOAD_SIZE,
     BlockReader,
+    BlockReadStats,
     LayerCorruptionError,
     LayerSummaryMismatchError,
     block_checksum,
@@ -366,3 +368,76 @@ class LayerFile:
         """((index key, leaf value), value) of every entry, in index order, read sequentially."""
         shift = self.value_shift
         return self.scan_blobs((entry, entry[1] >> shift) for entry in self.index.iter_entries())
+
+
+class LayerReader:
+    """What delta and image layer readers share: the open file and its summary-level facts."""
+
+    KIND: LayerKind
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        tenant_id: TenantId | None = None,
+        timeline_id: TimelineId | None = None,
+        cache_blocks: int = 16,
+        cache_nodes: int = 32,
+    ) -> None:
+        self._file = LayerFile(
+            path,
+            self.KIND,
+            tenant_id=tenant_id,
+            timeline_id=timeline_id,
+            cache_blocks=cache_blocks,
+            cache_nodes=cache_nodes,
+        )
+        self.name: LayerName = self._file.name
+        self._find_le = self._file.index.find_le
+        self._leaf = self._file.index.leaf
+        self._read_blob = self._file.read_blob
+
+    @property
+    def path(self) -> Path:
+        return self._file.path
+
+    @property
+    def summary(self) -> LayerSummary:
+        return self._file.summary
+
+    @property
+    def key_range(self) -> tuple[bytes, bytes]:
+        return self.name.key_range
+
+    @property
+    def lsn_range(self) -> tuple[Lsn, Lsn]:
+        return self.name.lsn_range
+
+    @property
+    def entry_count(self) -> int:
+        return self._file.summary.entry_count
+
+    @property
+    def index_depth(self) -> int:
+        return self._file.summary.index_depth
+
+    @property
+    def block_stats(self) -> BlockReadStats:
+        """Counters of block reads (file reads vs cache hits), for tests and metrics."""
+        return self._file.blocks.stats
+
+    def verify(self) -> None:
+        """Read and check everything (checksums, index structure, every value); raises on damage."""
+        self._file.verify()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name})"
