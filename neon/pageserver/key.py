@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 from neon.postgres.constants import FSM_FORKNUM, SLRU_PAGES_PER_SEGMENT, VISIBILITYMAP_FORKNUM
 from neon.postgres.errors import PgFormatError
@@ -193,6 +193,18 @@ def singleton_range(key: Key) -> KeyRange:
     return KeyRange(key, key.next())
 
 
+class RelTag(NamedTuple):
+    """One fork of a relation: (tablespace, database, relfilenode, fork)."""
+
+    spc: int
+    db: int
+    rel: int
+    fork: int
+
+    def __str__(self) -> str:
+        return f"{self.spc}/{self.db}/{self.rel}.{self.fork}"
+
+
 # --- the key table (§2.2) ------------------------------------------------------------------------
 def _check_relnode(rel: int) -> None:
     # relnode 0 is where the relmap and reldir keys of a database live.
@@ -350,3 +362,21 @@ def is_slru_block_key(key: Key) -> bool:
 
 def is_slru_segment_size_key(key: Key) -> bool:
     return key.field1 == SLRU_NAMESPACE and key.field3 == SLRU_BLOCKS_FIELD3 and key.field6 == SIZE_KEY_FIELD6
+
+
+# --- 18-byte forms for the hot paths (ingest, reads): no Key object is built -------------------
+_pack_key = _KEY.pack
+
+
+def rel_block_key_bytes(spc: int, db: int, rel: int, fork: int, blk: int) -> bytes:
+    """`rel_block_key(...).to_bytes()` without the checks (callers pass WAL-decoded block refs)."""
+    return _pack_key(REL_NAMESPACE, spc, db, rel, fork, blk)
+
+
+def rel_size_key_bytes(tag: RelTag) -> bytes:
+    return _pack_key(REL_NAMESPACE, tag.spc, tag.db, tag.rel, tag.fork, SIZE_KEY_FIELD6)
+
+
+def unpack_key_bytes(key: bytes) -> tuple[int, int, int, int, int, int]:
+    """The six fields of an 18-byte key."""
+    return _KEY.unpack(key)
