@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.vanilla import VanillaPostgres, make_test_root
+from tests.storage_oracle import WorkloadRun, run_storage_workload
 
 
 @pytest.fixture
@@ -23,3 +24,13 @@ def vanilla_pg(test_root: Path) -> Iterator[VanillaPostgres]:
     pg = VanillaPostgres(test_root / "vanilla").init()
     yield pg
     pg.cleanup()
+
+
+@pytest.fixture(scope="session")
+def storage_workload() -> Iterator[WorkloadRun]:
+    """One run of the storage oracle workload (snapshots A and B and the WAL), shared by the session."""
+    root = make_test_root(prefix="neon-storage-oracle-")
+    try:
+        yield run_storage_workload(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

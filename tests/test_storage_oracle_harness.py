@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -27,7 +27,6 @@ from tests.storage_oracle import (
     WorkloadRun,
     compare_with_datadir,
     copy_datadir,
-    run_storage_workload,
     shutdown_checkpoint_end,
 )
 
@@ -35,13 +34,9 @@ TENANT = "0123456789abcdef0123456789abcdef"
 LP_NORMAL = 1
 
 
-@pytest.fixture(scope="module")
-def run() -> Iterator[WorkloadRun]:
-    root = make_test_root(prefix="neon-storage-oracle-")
-    try:
-        yield run_storage_workload(root)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+@pytest.fixture
+def run(storage_workload: WorkloadRun) -> WorkloadRun:
+    return storage_workload
 
 
 @pytest.fixture

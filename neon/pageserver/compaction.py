@@ -34,6 +34,10 @@ from .timeline import PageReconstructError, Timeline
 IMAGE_BATCH = 256  # pages reconstructed on the event loop between two writer calls in a thread
 
 
+class CompactionCancelled(Exception):
+    """The timeline is shutting down; the compaction stopped without changing anything."""
+
+
 @dataclass
 class CompactionResult:
     image_layers: list[str] = field(default_factory=list)
@@ -114,6 +118,8 @@ async def _write_image_layer(
             for key in iter_range_keys(r_start, r_end):
                 batch.append((key, await _image_value(tl, key, lsn)))
                 if len(batch) >= IMAGE_BATCH:
+                    if tl.cancelled.is_set():
+                        raise CompactionCancelled(f"{tl} is shutting down")
                     await loop.run_in_executor(None, _put_all, writer, batch)
                     batch = []
         if batch:
@@ -167,7 +173,9 @@ def write_l1_layers(tl: Timeline, inputs: list[HistoricLayer], target_size: int)
     writer: DeltaLayerWriter | None = None
     last_key = b""
     try:
-        for key, lsn, init, value in _merged_entries(inputs):
+        for n, (key, lsn, init, value) in enumerate(_merged_entries(inputs)):
+            if n % 1024 == 0 and tl.cancelled.is_set():
+                raise CompactionCancelled(f"{tl} is shutting down")
             if key != last_key:
                 if writer is not None and writer.bytes_written >= target_size:
                     out.append(writer.finish(Key.from_bytes(last_key).next().to_bytes()))

@@ -24,7 +24,7 @@ from neon.utils.id import TenantId, TimelineId
 from neon.utils.lsn import Lsn
 from neon.walredo.manager import WalRedoManager
 
-from .compaction import compact
+from .compaction import CompactionCancelled, compact
 from .import_datadir import WalImporter, check_bootstrap_datadir, import_datadir, wal_segment_files
 from .metadata import TimelineMetadata, load_metadata
 from .page_cache import MaterializedPageCache
@@ -213,7 +213,13 @@ class Tenant:
 
     async def _compact_in_background(self, tl: Timeline) -> None:
         try:
-            await compact(tl)
+            # Flushes that arrive during a pass do not start another: keep going while L0s pile up.
+            while True:
+                result = await compact(tl)
+                if not result.l0_compacted or len(tl.layers.l0_deltas()) < self.conf().compaction_threshold:
+                    break
+        except CompactionCancelled:
+            pass
         except Exception as e:
             self.compaction_errors += 1
             tl.log.error("compaction failed", error=str(e))
@@ -363,8 +369,10 @@ class Tenant:
 
     async def shutdown(self, *, flush: bool = True) -> None:
         self.state = "Stopping"
-        for task in self._compaction_tasks.values():
-            task.cancel()
+        # Compaction runs partly in worker threads, which a task cancellation would not stop:
+        # signal the timelines and let each pass end at its next check, before anything closes.
+        for tl in self.timelines.values():
+            tl.cancelled.set()
         for task in self._compaction_tasks.values():
             with contextlib.suppress(BaseException):
                 await task

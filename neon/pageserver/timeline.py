@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import itertools
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
@@ -102,6 +104,7 @@ class Timeline(DatadirMapping):
         self._flush_task: asyncio.Task[None] | None = None
         self._compaction: Callable[[Timeline], asyncio.Future[None] | None] | None = None
         self.layer_removal_lock = asyncio.Lock()
+        self.cancelled = threading.Event()  # set at shutdown; background work stops at its next check
         self.layer_flush_errors = 0
 
     # --- metadata ------------------------------------------------------------------------------
@@ -139,7 +142,7 @@ class Timeline(DatadirMapping):
                 os.replace(entry.path, entry.path + ".old")
                 continue
             found.append(layer)
-        self.layers.replace([], found)
+        self.layers.replace([], _without_unrecorded_compactions(found, self.log))
 
     # --- LSN bookkeeping -----------------------------------------------------------------------
     def advance_last_record_lsn(self, lsn: int) -> None:
@@ -270,10 +273,11 @@ class Timeline(DatadirMapping):
                     f"could not find layer with more data for key {Key.from_bytes(key)} at LSN {Lsn(cont_lsn - 1)},"
                     f" request LSN {Lsn(lsn)}"
                 )
-            prev_cont = cont_lsn
             if timeline.ancestor is not None and cont_lsn - 1 <= timeline.ancestor_lsn:
                 timeline = timeline.ancestor
+                prev_cont = None  # the check is per layer read, and the ancestor has not been read yet
                 continue
+            prev_cont = cont_lsn
             lm = timeline.layers
             source = None
             open_layer = lm.open_layer
@@ -367,6 +371,7 @@ class Timeline(DatadirMapping):
     # --- lifecycle -----------------------------------------------------------------------------
     async def shutdown(self, *, flush: bool = True) -> None:
         self.state = "Stopping"
+        self.cancelled.set()
         if flush:
             await self.freeze_and_flush()
         elif self._flush_task is not None:
@@ -381,3 +386,28 @@ class Timeline(DatadirMapping):
 
     def __repr__(self) -> str:
         return f"Timeline({self.tenant_id}/{self.timeline_id} at {self.last_record_lsn})"
+
+
+def _without_unrecorded_compactions(layers: list[HistoricLayer], log: structlog.typing.FilteringBoundLogger) -> list:
+    """Drop L1 layers left by a compaction that was interrupted before it removed its L0 inputs.
+
+    Compaction writes all its L1 outputs before it deletes the L0s, so when L0s that exactly tile
+    an L1 set's LSN range are still there, they are complete and the L1s (maybe only some of
+    them) are redundant: they are deleted, and the next compaction writes them again."""
+    l0 = sorted((h for h in layers if h.is_l0), key=lambda h: h.lsn_start)
+    keep: list[HistoricLayer] = []
+    for h in layers:
+        if h.is_delta and not h.is_l0:
+            inside = [x for x in l0 if h.lsn_start <= x.lsn_start and x.lsn_end <= h.lsn_end]
+            tiles = (
+                bool(inside)
+                and inside[0].lsn_start == h.lsn_start
+                and inside[-1].lsn_end == h.lsn_end
+                and all(a.lsn_end == b.lsn_start for a, b in itertools.pairwise(inside))
+            )
+            if tiles:
+                log.warning("removing L1 layer of an unfinished compaction", layer=str(h))
+                os.unlink(h.path)
+                continue
+        keep.append(h)
+    return keep
