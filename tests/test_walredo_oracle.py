@@ -77,6 +77,9 @@ NOT_WAL_LOGGED = {
 }
 
 
+BULK_EXTENDED = "all-zero page without WAL (bulk relation extension)"
+
+
 @dataclass
 class Relation:
     name: str
@@ -163,11 +166,16 @@ async def test_reconstruction_oracle(cluster: Cluster, manager: WalRedoManager) 
             for blk in range(path.stat().st_size // BLCKSZ):
                 tag = BufferTag(*key, fork, blk)
                 h = hist.blocks.get(tag)
-                if h is None:
-                    missing.append(f"{rel.name} {tag}")
-                    continue
                 real = read_block(rel, fork, blk)
                 assert real is not None
+                if h is None:
+                    if not any(real):
+                        # A relation extended by several pages at once under contention (PG's bulk
+                        # extension) gets the extra pages as zeros on disk without any WAL.
+                        excepted[BULK_EXTENDED] = excepted.get(BULK_EXTENDED, 0) + 1
+                    else:
+                        missing.append(f"{rel.name} {tag}")
+                    continue
                 got = await reconstruct(manager, h, hist.end_lsn)
                 if fork == VISIBILITYMAP_FORKNUM:
                     same = got == real  # no hint bits on VM pages: byte-exact
@@ -188,7 +196,9 @@ async def test_reconstruction_oracle(cluster: Cluster, manager: WalRedoManager) 
         assert compared.get(f"{rmid}/0", 0) > 0, (rmid, compared)
     assert compared.get(f"{RM_HEAP_ID}/{VISIBILITYMAP_FORKNUM}", 0) > 0, compared
     assert sum(compared.values()) > 1000, compared
+    bulk = excepted.pop(BULK_EXTENDED, 0)
     assert set(excepted) <= set(NOT_WAL_LOGGED) and sum(excepted.values()) <= 4, excepted
+    assert bulk < 100, f"{bulk} all-zero pages without WAL"
 
 
 async def test_a_dropped_record_is_detected(cluster: Cluster, manager: WalRedoManager) -> None:

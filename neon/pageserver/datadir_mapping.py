@@ -456,10 +456,12 @@ class DatadirModification:
         """Write every pending value at `lsn`, then make it visible (advance last_record_lsn)."""
         tline = self.tline
         if self.pending:
-            tline.put_values(self.lsn, ((k, init, v) for k, (init, v) in self.pending.items()))
+            tline.put_values(self.lsn, [(k, init, v) for k, (init, v) in self.pending.items()])
             self.pending = {}
-            self.pending_images = {}
-            self.pending_records = set()
+            if self.pending_images:
+                self.pending_images = {}
+            if self.pending_records:
+                self.pending_records = set()
         tline.advance_last_record_lsn(self.lsn)
         if self.pending_nblocks and tline.logical_size is not None:
             tline.logical_size += self.pending_nblocks * BLCKSZ

@@ -149,7 +149,7 @@ class Timeline(DatadirMapping):
         if lsn <= self.last_record_lsn:
             return
         self.prev_record_lsn = self.last_record_lsn
-        self.last_record_lsn = Lsn(lsn)
+        self.last_record_lsn = lsn  # a plain int on the hot path; Lsn() only where it is printed
         waiters = self._waiters
         while waiters and waiters[0][0] <= lsn:
             _, _, fut = heapq.heappop(waiters)
@@ -168,7 +168,7 @@ class Timeline(DatadirMapping):
         except TimeoutError:
             raise WaitLsnTimeout(
                 f"Timed out while waiting for WAL record at LSN {Lsn(lsn)} to arrive, "
-                f"last_record_lsn {self.last_record_lsn} disk consistent LSN={self.disk_consistent_lsn}"
+                f"last_record_lsn {Lsn(self.last_record_lsn)} disk consistent LSN={self.disk_consistent_lsn}"
             ) from None
 
     # --- writing -------------------------------------------------------------------------------
@@ -176,7 +176,7 @@ class Timeline(DatadirMapping):
         """Write (key, will_init, encoded value) at `lsn` into the open layer (not yet visible)."""
         if lsn % 8 or lsn <= self.last_record_lsn:
             raise TimelineStateError(
-                f"cannot modify relation after advancing last_record_lsn ({Lsn(lsn)} ≤ {self.last_record_lsn})"
+                f"cannot modify relation after advancing last_record_lsn ({Lsn(lsn)} ≤ {Lsn(self.last_record_lsn)})"
             )
         layer = self.layers.open_layer_for_write(lsn)
         put = layer.put
@@ -385,7 +385,7 @@ class Timeline(DatadirMapping):
         self.page_cache.forget_timeline(self.timeline_id)
 
     def __repr__(self) -> str:
-        return f"Timeline({self.tenant_id}/{self.timeline_id} at {self.last_record_lsn})"
+        return f"Timeline({self.tenant_id}/{self.timeline_id} at {Lsn(self.last_record_lsn)})"
 
 
 def _without_unrecorded_compactions(layers: list[HistoricLayer], log: structlog.typing.FilteringBoundLogger) -> list:

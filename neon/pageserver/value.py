@@ -117,6 +117,14 @@ def encode_value(value: Value) -> bytes:
     raise ValueFormatError(f"not a Value: {value!r}")
 
 
+_POSTGRES_VALUE = struct.Struct(">IIBQ")  # Value::WalRecord, NeonWalRecord::Postgres, will_init, rec length
+
+
+def encode_postgres_value(will_init: bool, rec: bytes) -> bytes:
+    """`encode_value(WalRecord(PostgresRecord(will_init, rec)))`, without the objects (the ingest hot path)."""
+    return _POSTGRES_VALUE.pack(VALUE_WAL_RECORD, REC_POSTGRES, 1 if will_init else 0, len(rec)) + rec
+
+
 # --- decoding ------------------------------------------------------------------------------------
 class _Reader:
     """A cursor over a buffer whose every read is bounds-checked and fails with ValueFormatError."""

@@ -49,15 +49,13 @@ from neon.walredo.records import (
     ClogSetAborted,
     ClogSetCommitted,
     MultixactMembersCreate,
-    PostgresRecord,
     SlruKind,
 )
 
 from .datadir_mapping import ZERO_PAGE, DatadirModification
 from .key import RelTag, rel_block_key_bytes, slru_block_key
 from .timeline import Timeline
-from .value import WalRecord as WalRecordValue
-from .value import encode_value
+from .value import encode_postgres_value
 
 FSM_LEAF_NODES_PER_PAGE = 4069  # SlotsPerFSMPage for 8 KiB pages
 _U32 = 0xFFFF_FFFF
@@ -194,7 +192,7 @@ class WalIngest:
             init = blk.will_init or blk.apply_image
             value = encoded.get(init)
             if value is None:
-                value = encoded[init] = encode_value(WalRecordValue(PostgresRecord(init, rec.record)))
+                value = encoded[init] = encode_postgres_value(init, rec.record)
             mod.put_encoded(key, init, value)
 
     # --- heap: visibility-map bits (§4.8) -------------------------------------------------------------
