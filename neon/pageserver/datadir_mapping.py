@@ -284,7 +284,7 @@ class DatadirModification:
             # Neon resets the aux-files map whenever a database first gets its relmap file.
             self.put_image(_AUX_FILES_KEY, AuxFilesDirectory().encode())
             if prior is None:
-                self.put_image(_rel_dir_key(spc, db), RelDirectory().encode())
+                self._put_rel_dir(spc, db, RelDirectory())
         self.put_image(K.relmap_file_key(spc, db).to_bytes(), bytes(img))
 
     def drop_dbdir(self, spc: int, db: int) -> None:
@@ -296,6 +296,7 @@ class DatadirModification:
                 total += self.tline.get_rel_size(tag, lsn)
                 self.tline.rel_size_cache.pop(tag, None)
             self.put_image(_DBDIR_KEY, dbdir.remove(spc, db).encode())
+            self.tline.reldir_cache.pop((spc, db), None)
         else:
             self.tline.log.warning("dropped database not in DbDirectory", spc=spc, db=db)
         self.pending_nblocks -= total
@@ -332,13 +333,33 @@ class DatadirModification:
         self.put_image(_AUX_FILES_KEY, d.encode())
 
     # --- relations (§4.5, §4.6) ------------------------------------------------------------------
+    def _rel_dir(self, spc: int, db: int) -> RelDirectory | None:
+        """The database's RelDirectory as of this modification, decoded once per change.
+
+        `reldir_cache` maps (spc, db) to (LSN of the newest version, directory); it is filled by
+        every put of a RelDirectory, so ingest never re-reads and re-decodes one it wrote."""
+        cached = self.tline.reldir_cache.get((spc, db))
+        if cached is not None and self.lsn >= cached[0]:
+            return cached[1]
+        raw = self.get(_rel_dir_key(spc, db))
+        if raw is None:
+            return None
+        rel_dir = RelDirectory.decode(raw)
+        if (spc, db) not in self.tline.reldir_cache:
+            self.tline.reldir_cache[(spc, db)] = (self.tline.last_record_lsn, rel_dir)
+        return rel_dir
+
+    def _put_rel_dir(self, spc: int, db: int, rel_dir: RelDirectory) -> None:
+        self.put_image(_rel_dir_key(spc, db), rel_dir.encode())
+        self.tline.reldir_cache[(spc, db)] = (self.lsn, rel_dir)
+
     def rel_exists(self, tag: RelTag) -> bool:
         cache = self.tline.rel_size_cache
         cached = cache.get(tag)
         if cached is not None and self.lsn >= cached[0]:
             return True
-        raw = self.get(_rel_dir_key(tag.spc, tag.db))
-        return raw is not None and (tag.rel, tag.fork) in RelDirectory.decode(raw)
+        rel_dir = self._rel_dir(tag.spc, tag.db)
+        return rel_dir is not None and (tag.rel, tag.fork) in rel_dir
 
     def rel_size(self, tag: RelTag) -> int:
         """The fork's size as of this modification (the cache holds sizes set by pending puts)."""
@@ -362,11 +383,10 @@ class DatadirModification:
             self.put_image(_DBDIR_KEY, dbdir.add(tag.spc, tag.db, False).encode())
             rel_dir = RelDirectory()
         else:
-            raw = self.get(_rel_dir_key(tag.spc, tag.db))
-            rel_dir = RelDirectory.decode(raw) if raw is not None else RelDirectory()
+            rel_dir = self._rel_dir(tag.spc, tag.db) or RelDirectory()
         if (tag.rel, tag.fork) in rel_dir:
             raise AlreadyExistsError(f"relation {tag} already exists")
-        self.put_image(_rel_dir_key(tag.spc, tag.db), rel_dir.add(tag.rel, tag.fork).encode())
+        self._put_rel_dir(tag.spc, tag.db, rel_dir.add(tag.rel, tag.fork))
         self.pending_nblocks += nblocks
         self.put_image(rel_size_key_bytes(tag), encode_nblocks(nblocks))
         self.tline.rel_size_cache[tag] = (self.lsn, nblocks)
@@ -387,11 +407,10 @@ class DatadirModification:
         self.pending_nblocks -= old - nblocks
 
     def put_rel_drop(self, tag: RelTag) -> None:
-        raw = self.get(_rel_dir_key(tag.spc, tag.db))
-        rel_dir = RelDirectory.decode(raw) if raw is not None else RelDirectory()
+        rel_dir = self._rel_dir(tag.spc, tag.db) or RelDirectory()
         if (tag.rel, tag.fork) in rel_dir:
             self.pending_nblocks -= self.rel_size(tag)
-            self.put_image(_rel_dir_key(tag.spc, tag.db), rel_dir.remove(tag.rel, tag.fork).encode())
+            self._put_rel_dir(tag.spc, tag.db, rel_dir.remove(tag.rel, tag.fork))
         else:
             self.tline.log.warning("dropped relation not in RelDirectory", rel=str(tag))
         self.tline.rel_size_cache.pop(tag, None)
@@ -455,8 +474,14 @@ class DatadirModification:
     def commit(self) -> None:
         """Write every pending value at `lsn`, then make it visible (advance last_record_lsn)."""
         tline = self.tline
-        if self.pending:
-            tline.put_values(self.lsn, [(k, init, v) for k, (init, v) in self.pending.items()])
+        pending = self.pending
+        if pending:
+            lsn = self.lsn
+            if lsn % 8 or lsn <= tline.last_record_lsn:
+                tline.put_values(lsn, [])  # raises the error
+            put = tline.layers.open_layer_for_write(lsn).put
+            for k, (init, v) in pending.items():
+                put(k, lsn, init, v)
             self.pending = {}
             if self.pending_images:
                 self.pending_images = {}

@@ -33,7 +33,7 @@ class InMemoryLayer:
         self._index: dict[bytes, _Versions] = {}
         self.size = 0  # bytes of values, the measure `checkpoint_distance` is compared with
         self.entry_count = 0
-        self.max_lsn = Lsn(0)
+        self.max_lsn = 0
 
     # --- writing -------------------------------------------------------------------------------
     def put(self, key: bytes, lsn: int, will_init: bool, value: bytes) -> None:
@@ -56,7 +56,7 @@ class InMemoryLayer:
         self.size += len(value)
         self.entry_count += 1
         if lsn > self.max_lsn:
-            self.max_lsn = Lsn(lsn)
+            self.max_lsn = lsn
 
     def freeze(self, end_lsn: int) -> None:
         if end_lsn <= self.start_lsn:

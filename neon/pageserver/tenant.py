@@ -138,8 +138,12 @@ class Tenant:
         tdir = self.timelines_path
         tdir.mkdir(mode=0o700, exist_ok=True)
         metadata: dict[TimelineId, TimelineMetadata] = {}
-        for entry in sorted(os.scandir(tdir), key=lambda e: e.name):
+        # Markers first: they say which directories are not timelines (any more).
+        entries = sorted(os.scandir(tdir), key=lambda e: (not e.name.endswith((UNINIT_MARK, DELETE_MARK)), e.name))
+        for entry in entries:
             name = entry.name
+            if not os.path.lexists(entry.path):
+                continue  # removed by a marker above
             if name.endswith(UNINIT_MARK):
                 # An interrupted creation: the timeline never existed.
                 tl_dir = tdir / name[: -len(UNINIT_MARK)]
@@ -297,7 +301,7 @@ class Tenant:
         self._finish_create(mark)
         tl.state = "Active"
         self.timelines[timeline_id] = tl
-        self.log.info("imported timeline", timeline_id=str(timeline_id), lsn=str(tl.last_record_lsn))
+        self.log.info("imported timeline", timeline_id=str(timeline_id), lsn=str(Lsn(tl.last_record_lsn)))
         return tl
 
     async def bootstrap_timeline(self, timeline_id: TimelineId, *, pg_version: int = 15) -> Timeline:
@@ -329,7 +333,7 @@ class Tenant:
                 )
             await ancestor.wait_lsn(start, timeout)
         else:
-            start = ancestor.last_record_lsn
+            start = Lsn(ancestor.last_record_lsn)
         async with self.gc_lock:
             if start < ancestor.latest_gc_cutoff_lsn:
                 raise BranchLsnError(

@@ -35,7 +35,7 @@ from .layers import LayerError, is_temp_file_name, try_parse_layer_file_name
 from .metadata import TimelineMetadata, save_metadata
 from .page_cache import MaterializedPageCache
 from .tenant_config import TenantConf
-from .value import Image, decode_value
+from .value import Image, Value, decode_value
 
 log = structlog.get_logger("timeline")
 
@@ -98,6 +98,7 @@ class Timeline(DatadirMapping):
         self.last_freeze_at = Lsn(metadata.disk_consistent_lsn)
         self.last_freeze_ts = time.monotonic()
         self.rel_size_cache: dict = {}
+        self.reldir_cache: dict = {}  # (spc, db) -> (LSN of its newest version, RelDirectory); ingest only
         self.logical_size: int | None = None  # bytes; None until computed after a load
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._waiter_seq = 0
@@ -258,9 +259,9 @@ class Timeline(DatadirMapping):
     # --- reading (§5.7) ------------------------------------------------------------------------
     def _collect(
         self, key: bytes, lsn: int, cached: tuple[int, bytes] | None
-    ) -> tuple[tuple[int, bytes] | None, list[tuple[int, bytes]]]:
-        """The base image and the records newer than it (newest first) that make `key` at `lsn`."""
-        records: list[tuple[int, bytes]] = []
+    ) -> tuple[tuple[int, bytes] | None, list[tuple[int, Value]]]:
+        """The base image and the records newer than it (newest first, decoded) that make `key` at `lsn`."""
+        records: list[tuple[int, Value]] = []
         cache_floor = cached[0] + 1 if cached else 0
         timeline: Timeline = self
         cont_lsn = lsn + 1
@@ -317,7 +318,7 @@ class Timeline(DatadirMapping):
                 value = decode_value(raw)
                 if isinstance(value, Image):
                     return (entry_lsn, value.data), records
-                records.append((entry_lsn, raw))
+                records.append((entry_lsn, value))
             if complete:
                 return None, records
             cont_lsn = floor
@@ -351,10 +352,7 @@ class Timeline(DatadirMapping):
             if base is None:
                 raise PageReconstructError(f"base image for {Key.from_bytes(key)} at {Lsn(lsn)} not found")
             return base[1]
-        recs: list[tuple[int, WalRecord]] = []
-        for rec_lsn, raw in reversed(records):
-            value = decode_value(raw)
-            recs.append((rec_lsn, value.rec))  # type: ignore[union-attr]
+        recs: list[tuple[int, WalRecord]] = [(rec_lsn, value.rec) for rec_lsn, value in reversed(records)]  # type: ignore[union-attr]
         if base is None and not will_init(recs[0][1]):
             raise PageReconstructError(
                 f"no base image for {Key.from_bytes(key)} at {Lsn(lsn)} and the oldest record does not initialise it"

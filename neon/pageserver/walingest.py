@@ -84,6 +84,30 @@ def _slru_addr(pageno: int) -> tuple[int, int]:
     return pageno // 32, pageno % 32
 
 
+# Where heap records keep the flags that say a VM bit was cleared (vanilla PG15 layouts, see
+# records/heap.py), so that most records are passed over without parsing: (rmid, opcode) ->
+# (offset in main data, mask).
+_VM_FLAG_BYTES: dict[tuple[int, int], tuple[int, int]] = {
+    (RM_HEAP_ID, 0x00): (2, 0x01),  # INSERT: ALL_VISIBLE_CLEARED
+    (RM_HEAP_ID, 0x10): (7, 0x01),  # DELETE
+    (RM_HEAP_ID, 0x20): (7, 0x03),  # UPDATE: old / new page cleared
+    (RM_HEAP_ID, 0x40): (7, 0x03),  # HOT_UPDATE
+    (RM_HEAP_ID, 0x60): (7, 0x01),  # LOCK: ALL_FROZEN_CLEARED
+    (RM_HEAP2_ID, 0x50): (0, 0x01),  # MULTI_INSERT
+    (RM_HEAP2_ID, 0x60): (7, 0x01),  # LOCK_UPDATED
+}
+
+
+def _may_clear_vm_bits(rec: DecodedRecord) -> bool:
+    where = _VM_FLAG_BYTES.get((rec.rmid, rec.info & XLOG_HEAP_OPMASK))
+    if where is None:
+        return False
+    offset, mask = where
+    if offset >= rec.main_data_len:
+        return True  # let the parser report the malformed record
+    return bool(rec.record[rec.main_data_off + offset] & mask)
+
+
 def _xid_max(a: int, b: int) -> int:
     """The later of two xids, wraparound-aware."""
     return b if _int32(b - a) > 0 else a
@@ -97,6 +121,7 @@ class WalIngest:
         self.checkpoint = checkpoint
         self.checkpoint_modified = False
         self._prefetched: dict[bytes, bytes] = {}
+        self._last_xid = -1
 
     @classmethod
     def for_timeline(cls, timeline: Timeline) -> WalIngest:
@@ -144,10 +169,13 @@ class WalIngest:
     def ingest_record(self, rec: DecodedRecord, lsn: int, mod: DatadirModification) -> None:
         """Put everything `rec` (ending at `lsn`) changes, and commit it at `lsn`."""
         mod.lsn = lsn
-        self._update_next_xid(rec.xid)
+        xid = rec.xid
+        if xid != self._last_xid:  # a transaction's records come in runs: check each xid once
+            self._last_xid = xid
+            self._update_next_xid(xid)
         rmid = rec.rmid
         if rmid in (RM_HEAP_ID, RM_HEAP2_ID):
-            if rec.blocks:
+            if rec.blocks and _may_clear_vm_bits(rec):
                 self._clear_vm_bits(rec, mod)
         elif rmid == RM_XLOG_ID:
             self._xlog(rec, mod)
@@ -178,11 +206,15 @@ class WalIngest:
     def _store_blocks(self, rec: DecodedRecord, lsn: int, mod: DatadirModification) -> None:
         extract_fpi = rec.rmid == RM_XLOG_ID and rec.info in (XLOG_FPI, XLOG_FPI_FOR_HINT)
         encoded: dict[bool, bytes] = {}
+        sizes = self.timeline.rel_size_cache
         for blk in rec.blocks:
             spc, db, rel = blk.rel
             tag = RelTag(spc, db, rel, blk.forknum)
-            mod.ensure_rel_block(tag, blk.blkno)
-            key = rel_block_key_bytes(spc, db, rel, blk.forknum, blk.blkno)
+            blkno = blk.blkno
+            cached = sizes.get(tag)
+            if cached is None or lsn < cached[0] or blkno >= cached[1]:
+                mod.ensure_rel_block(tag, blkno)  # the rare case: creation or extension
+            key = rel_block_key_bytes(spc, db, rel, blk.forknum, blkno)
             if extract_fpi and blk.apply_image and not blk.image_compressed:
                 image = bytearray(restore_image(rec, blk))
                 if not page_is_new(image):
