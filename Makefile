@@ -16,6 +16,9 @@ lint: setup
 
 bench: setup
 	$(PY) benchmarks/wal_decode.py
+	$(PY) benchmarks/walredo.py
+	$(PY) benchmarks/ingest.py
+	$(PY) benchmarks/getpage_local.py
 
 clean:
 	rm -rf $(VENV) pg_install build native/_build

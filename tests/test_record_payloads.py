@@ -115,24 +115,7 @@ def test_xact_commit_without_info_is_just_the_time() -> None:
 
 # --- XLOG ----------------------------------------------------------------------------------
 
-BOOTSTRAP_CHECKPOINT = xlog.CheckPoint(
-    redo=0x1000028,
-    this_timeline_id=1,
-    prev_timeline_id=1,
-    full_page_writes=True,
-    next_xid=3,
-    next_oid=10000,
-    next_multi=1,
-    next_multi_offset=0,
-    oldest_xid=3,
-    oldest_xid_db=1,
-    oldest_multi=1,
-    oldest_multi_db=1,
-    time=1_700_000_000,
-    oldest_commit_ts_xid=0,
-    newest_commit_ts_xid=0,
-    oldest_active_xid=0,
-)
+BOOTSTRAP_CHECKPOINT = xlog.CheckPoint.initial(0x1000028, time=1_700_000_000)
 
 
 def test_checkpoint_layout_and_round_trip() -> None:

@@ -3,6 +3,7 @@ modifications and relation sizes, ingest arithmetic, key-space partitioning, and
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -249,24 +250,7 @@ def test_fsm_logical_to_physical_matches_postgres(addr: int) -> None:
 
 
 def _checkpoint(next_xid: int) -> CheckPoint:
-    return CheckPoint(
-        redo=0,
-        this_timeline_id=1,
-        prev_timeline_id=1,
-        full_page_writes=True,
-        next_xid=next_xid,
-        next_oid=10000,
-        next_multi=1,
-        next_multi_offset=0,
-        oldest_xid=3,
-        oldest_xid_db=1,
-        oldest_multi=1,
-        oldest_multi_db=1,
-        time=0,
-        oldest_commit_ts_xid=0,
-        newest_commit_ts_xid=0,
-        oldest_active_xid=0,
-    )
+    return replace(CheckPoint.initial(0), next_xid=next_xid)
 
 
 @pytest.mark.parametrize(

@@ -54,29 +54,12 @@ from neon.walredo.records import (
 )
 from tests.fixtures.vanilla import VanillaPostgres, make_test_root
 from tests.redo_oracle import RedoHistories, collect_histories
+from tests.storage_oracle import AM_RMGR, NOT_WAL_LOGGED
 from tests.walworkload import WORKLOAD_CONFIG, run_varied_workload
 
 TENANT = "0123456789abcdef0123456789abcdef"
-AM_RMGR = {
-    "btree": RM_BTREE_ID,
-    "hash": RM_HASH_ID,
-    "gin": RM_GIN_ID,
-    "gist": RM_GIST_ID,
-    "spgist": RM_SPGIST_ID,
-    "brin": RM_BRIN_ID,
-}
-
-# FSM pages are not WAL-logged at all and are never compared. Beyond that, what PostgreSQL never
-# WAL-logs, so that no redo can reproduce it from the WAL:
-# - a sequence's page on disk holds the last value handed out, while its WAL record is written
-#   ahead (SEQ_LOG_VALS values at a time), so only the logged-ahead state can be rebuilt;
-# - the SP-GiST metapage caches the last-used pages (spgist's lastUsedPages) without WAL.
-NOT_WAL_LOGGED = {
-    "sequence page (values are logged ahead)": lambda rel, tag: rel.rmid == RM_SEQ_ID and tag.blk == 0,
-    "SP-GiST metapage last-used page cache": lambda rel, tag: rel.rmid == RM_SPGIST_ID and tag.blk == 0,
-}
-
-
+# FSM pages are not WAL-logged at all and are never compared; NOT_WAL_LOGGED lists the rest of
+# what PostgreSQL never WAL-logs (see tests/storage_oracle.py).
 BULK_EXTENDED = "all-zero page without WAL (bulk relation extension)"
 
 
@@ -185,7 +168,7 @@ async def test_reconstruction_oracle(cluster: Cluster, manager: WalRedoManager) 
                 if same:
                     compared[kind] = compared.get(kind, 0) + 1
                     continue
-                reason = next((r for r, f in NOT_WAL_LOGGED.items() if f(rel, tag)), None)
+                reason = next((r for r, f in NOT_WAL_LOGGED.items() if f(rel.rmid, fork, tag.blk)), None)
                 if reason is not None:
                     excepted[reason] = excepted.get(reason, 0) + 1
                 else:

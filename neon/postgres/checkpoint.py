@@ -48,6 +48,28 @@ class CheckPoint:
     oldest_active_xid: int
 
     @classmethod
+    def initial(cls, redo: int, *, time: int = 0) -> CheckPoint:
+        """The checkpoint of a freshly bootstrapped cluster (what initdb's first checkpoint holds)."""
+        return cls(
+            redo=redo,
+            this_timeline_id=1,
+            prev_timeline_id=1,
+            full_page_writes=True,
+            next_xid=3,
+            next_oid=10000,
+            next_multi=1,
+            next_multi_offset=0,
+            oldest_xid=3,
+            oldest_xid_db=1,
+            oldest_multi=1,
+            oldest_multi_db=1,
+            time=time,
+            oldest_commit_ts_xid=0,
+            newest_commit_ts_xid=0,
+            oldest_active_xid=0,
+        )
+
+    @classmethod
     def unpack(cls, buf: bytes | bytearray | memoryview, offset: int = 0) -> CheckPoint:
         if offset < 0 or len(buf) - offset < SIZE_OF_CHECKPOINT:
             raise CheckPointFormatError(f"CheckPoint needs {SIZE_OF_CHECKPOINT} bytes, got {max(len(buf) - offset, 0)}")

@@ -39,24 +39,7 @@ def helper_pg_control() -> bytes:
     """A pg_control the helper accepts: it is only checked for version, CRC and build constants,
     since the helper takes over before WAL start-up would read its checkpoint."""
     first = 0x1000028
-    cp = CheckPoint(
-        redo=first,
-        this_timeline_id=1,
-        prev_timeline_id=1,
-        full_page_writes=True,
-        next_xid=3,
-        next_oid=10000,
-        next_multi=1,
-        next_multi_offset=0,
-        oldest_xid=3,
-        oldest_xid_db=1,
-        oldest_multi=1,
-        oldest_multi_db=1,
-        time=0,
-        oldest_commit_ts_xid=0,
-        newest_commit_ts_xid=0,
-        oldest_active_xid=0,
-    )
+    cp = CheckPoint.initial(first)
     return ControlFileData(
         system_identifier=1,
         pg_control_version=PG_CONTROL_VERSION,
