@@ -230,3 +230,42 @@ async def test_truncated_metadata_is_a_clear_error_at_load(env: Env) -> None:
     md.write_bytes(md.read_bytes()[:100])
     with pytest.raises(MetadataError, match=rf"{md}.*truncated"):
         env.reload_tenant()
+
+
+async def test_fast_lane_stores_exactly_what_the_python_path_stores(env: Env) -> None:
+    from neon.pageserver import walingest
+
+    if walingest._ingest_simple is None:
+        pytest.skip("the ingest fast lane (neon._ingestfast) is not built")
+    results = []
+    for fast in (walingest._ingest_simple, None):
+        tenant = Tenant.create(
+            env.root / f"tenants-{fast is None}",
+            TenantId.generate(),
+            walredo=env.mgr,
+            page_cache=MaterializedPageCache(),
+            scratch_dir=env.root,
+        )
+        tl = await tenant.import_timeline(TimelineId.generate(), env.run.initdb_copy)
+        importer = WalImporter(tl)
+        used = 0
+
+        def counting(*args: object, _fast=fast) -> tuple:  # type: ignore[no-untyped-def]
+            nonlocal used
+            out = _fast(*args)  # type: ignore[misc]
+            used += out[0]
+            return out
+
+        importer.ingest.fast_lane = counting if fast is not None else None
+        await importer.ingest_files(env.run.wal_files, start_lsn=tl.last_record_lsn)
+        layer = tl.layers.open_layer
+        assert layer is not None
+        results.append(
+            (layer.iter_sorted(), layer.size, layer.entry_count, tl.last_record_lsn, tl.prev_record_lsn, used)
+        )
+        await tenant.shutdown(flush=False)
+    (fast_entries, *fast_rest, fast_used), (slow_entries, *slow_rest, _) = results
+    assert fast_used > 50_000, "the fast lane took almost no records"
+    assert len(fast_entries) == len(slow_entries)
+    assert fast_entries == slow_entries
+    assert fast_rest == slow_rest

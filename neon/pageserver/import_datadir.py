@@ -20,7 +20,6 @@ from neon.postgres.controlfile import ControlFileData, DBState
 from neon.postgres.crc32c import crc32c
 from neon.postgres.errors import WalDecodeError
 from neon.postgres.walfiles import read_wal_files
-from neon.postgres.walrecord import decode_record
 from neon.walredo.records import SlruKind
 
 from .datadir_mapping import AlreadyExistsError, DatadirModification
@@ -28,6 +27,7 @@ from .key import RelTag
 from .timeline import Timeline
 from .walingest import WalIngest
 
+BATCH_RECORDS = 256  # records ingested between two yields to the event loop
 RELSEG_SIZE = 131072  # blocks per 1 GiB relation segment file
 GLOBALTABLESPACE_OID = 1664
 DEFAULTTABLESPACE_OID = 1663
@@ -202,26 +202,25 @@ class WalImporter:
         """Ingest (start, end, raw) records whose end is above last_record_lsn; stop after the first
         record ending beyond `stop_after`. Returns the timeline's last_record_lsn."""
         tl = self.timeline
-        ingest = self.ingest
-        mod = self.modification
-        n = 0
-        for start, end, raw in records:
-            if end <= tl.last_record_lsn:
-                continue
-            rec = decode_record(raw, start)
-            if ingest.needs_prefetch(rec):
-                await ingest.prefetch(rec)
-            ingest.ingest_record(rec, end, mod)
-            n += 1
-            self.bytes += len(raw)
-            if n % 256 == 0:
-                tl.check_checkpoint_distance()
-                # Let flushes and compactions run, and wait when flushing falls behind.
-                await tl.ingest_backpressure()
-            if stop_after is not None and end > stop_after:
+        batch: list[tuple[int, int, bytes]] = []
+        stop = False
+        it = iter(records)
+        while not stop:
+            batch.clear()
+            for item in it:
+                batch.append(item)
+                if stop_after is not None and item[1] > stop_after:
+                    stop = True
+                    break
+                if len(batch) >= BATCH_RECORDS:
+                    break
+            if not batch:
                 break
-        self.records += n
-        tl.check_checkpoint_distance()
+            self.records += await self.ingest.ingest_batch(batch, self.modification)
+            self.bytes += sum(len(r[2]) for r in batch)
+            tl.check_checkpoint_distance()
+            # Let flushes and compactions run, and wait when flushing falls behind.
+            await tl.ingest_backpressure()
         return tl.last_record_lsn
 
     async def ingest_files(

@@ -58,6 +58,18 @@ class InMemoryLayer:
         if lsn > self.max_lsn:
             self.max_lsn = lsn
 
+    def bulk_index(self) -> dict[bytes, _Versions]:
+        """The index itself, for the ingest fast lane, which appends like `put` (then calls `account`)."""
+        if self.end_lsn is not None:
+            raise RuntimeError(f"in-memory layer {self} is frozen")
+        return self._index
+
+    def account(self, value_bytes: int, n_values: int, max_lsn: int) -> None:
+        self.size += value_bytes
+        self.entry_count += n_values
+        if n_values and max_lsn > self.max_lsn:
+            self.max_lsn = max_lsn
+
     def freeze(self, end_lsn: int) -> None:
         if end_lsn <= self.start_lsn:
             raise ValueError(f"cannot freeze {self} at {Lsn(end_lsn)}")
@@ -108,11 +120,10 @@ class InMemoryLayer:
             raise RuntimeError(f"cannot flush open in-memory layer {self}")
         writer = DeltaLayerWriter(directory, tenant_id, timeline_id, KEY_MIN, (self.start_lsn, self.end_lsn))
         with writer:
-            put = writer.put
+            put_versions = writer.put_versions
             index = self._index
             for key in sorted(index):
-                for lsn, init, value in index[key]:
-                    put(key, lsn, init, value)
+                put_versions(key, index[key])
             return writer.finish(KEY_MAX)
 
     def __repr__(self) -> str:

@@ -146,10 +146,12 @@ class Timeline(DatadirMapping):
         self.layers.replace([], _without_unrecorded_compactions(found, self.log))
 
     # --- LSN bookkeeping -----------------------------------------------------------------------
-    def advance_last_record_lsn(self, lsn: int) -> None:
+    def advance_last_record_lsn(self, lsn: int, prev: int | None = None) -> None:
+        """Make everything up to `lsn` visible. `prev` is the end of the record before (when a batch
+        of records is committed at once); by default the previous last_record_lsn."""
         if lsn <= self.last_record_lsn:
             return
-        self.prev_record_lsn = self.last_record_lsn
+        self.prev_record_lsn = self.last_record_lsn if prev is None else prev
         self.last_record_lsn = lsn  # a plain int on the hot path; Lsn() only where it is printed
         waiters = self._waiters
         while waiters and waiters[0][0] <= lsn:

@@ -13,6 +13,8 @@ fetched first (`prefetch`, async), then the record is ingested like any other.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from dataclasses import replace
 
 from neon.postgres import slru
@@ -43,7 +45,7 @@ from neon.postgres.records.logicalmsg import LogicalMessage
 from neon.postgres.records.relmap import RelmapUpdate
 from neon.postgres.records.smgr import XLOG_SMGR_CREATE, XLOG_SMGR_TRUNCATE, SmgrCreate, SmgrTruncate
 from neon.postgres.records.xlog import XLOG_FPI, XLOG_FPI_FOR_HINT, XLOG_NEXTOID, NextOid, unpack_checkpoint
-from neon.postgres.walrecord import DecodedRecord, restore_image
+from neon.postgres.walrecord import DecodedRecord, decode_record, restore_image
 from neon.walredo.records import (
     ClearVisibilityMapFlags,
     ClogSetAborted,
@@ -56,6 +58,11 @@ from .datadir_mapping import ZERO_PAGE, DatadirModification
 from .key import RelTag, rel_block_key_bytes, slru_block_key
 from .timeline import Timeline
 from .value import encode_postgres_value
+
+try:  # the C fast lane for plain block records (native/ingestfast.c), when built
+    from neon._ingestfast import ingest_simple as _ingest_simple
+except ImportError:  # pragma: no cover - the pure Python path does everything too
+    _ingest_simple = None
 
 FSM_LEAF_NODES_PER_PAGE = 4069  # SlotsPerFSMPage for 8 KiB pages
 _U32 = 0xFFFF_FFFF
@@ -122,6 +129,7 @@ class WalIngest:
         self.checkpoint_modified = False
         self._prefetched: dict[bytes, bytes] = {}
         self._last_xid = -1
+        self.fast_lane = _ingest_simple if not os.environ.get("NEON_NO_NATIVE") else None
 
     @classmethod
     def for_timeline(cls, timeline: Timeline) -> WalIngest:
@@ -164,6 +172,45 @@ class WalIngest:
                 key = rel_block_key_bytes(*vm, vm_blk)
                 pages[key] = await tl.get(key, lsn)
         self._prefetched = pages
+
+    # --- batches ------------------------------------------------------------------------------------
+    async def ingest_batch(self, batch: Sequence[tuple[int, int, bytes]], mod: DatadirModification) -> int:
+        """Ingest (start LSN, end LSN, raw record) in order, each committed at its end LSN; records
+        ending at or below last_record_lsn are skipped. Returns how many were ingested.
+
+        Runs of plain block records go through the C fast lane when it is built (and not disabled
+        with NEON_NO_NATIVE=1); it stores exactly what `ingest_record` would, and hands every
+        other record back to `ingest_record`."""
+        tl = self.timeline
+        fast = self.fast_lane
+        if fast is not None and not isinstance(batch, list):
+            batch = list(batch)
+        i = 0
+        n = 0
+        count = len(batch)
+        while i < count:
+            if fast is not None and batch[i][1] > tl.last_record_lsn:
+                layer = tl.layers.open_layer_for_write(batch[i][1])
+                done, value_bytes, n_values, last_end, prev_end = fast(
+                    batch, i, layer.bulk_index(), tl.rel_size_cache, self._last_xid, tl.last_record_lsn
+                )
+                if done:
+                    layer.account(value_bytes, n_values, last_end)
+                    tl.advance_last_record_lsn(last_end, prev_end or None)
+                    i += done
+                    n += done
+                    if i >= count:
+                        break
+            start, end, raw = batch[i]
+            i += 1
+            if end <= tl.last_record_lsn:
+                continue
+            rec = decode_record(raw, start)
+            if self.needs_prefetch(rec):
+                await self.prefetch(rec)
+            self.ingest_record(rec, end, mod)
+            n += 1
+        return n
 
     # --- the per-record pipeline (§4.3) ---------------------------------------------------------------
     def ingest_record(self, rec: DecodedRecord, lsn: int, mod: DatadirModification) -> None:

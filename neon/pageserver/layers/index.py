@@ -68,6 +68,22 @@ class IndexBuilder:
         if len(self._values) == self.capacity:
             self._flush_leaf()
 
+    def add_many(self, keys: list[bytes], values: list[int]) -> None:
+        """`add` for many entries (same guarantees), a leaf's worth at a time."""
+        i = 0
+        n = len(keys)
+        while i < n:
+            room = self.capacity - len(self._values)
+            if not self._values:
+                self._first_keys.append(keys[i])
+            j = min(n, i + room)
+            self._keys += b"".join(keys[i:j])
+            self._values.extend(values[i:j])
+            self.entry_count += j - i
+            i = j
+            if len(self._values) == self.capacity:
+                self._flush_leaf()
+
     def _flush_leaf(self) -> None:
         self._spool.write(encode_node(0, self._keys, self._values, self.key_size))
         self._keys = bytearray()
