@@ -201,6 +201,13 @@ class WalIngest:
                     n += done
                     if i >= count:
                         break
+                xid = int.from_bytes(batch[i][2][4:8], "little")
+                if xid != self._last_xid:
+                    # The fast lane stops at every new xid: account for it here and try again.
+                    self._last_xid = xid
+                    self._update_next_xid(xid)
+                    if not self.checkpoint_modified:
+                        continue
             start, end, raw = batch[i]
             i += 1
             if end <= tl.last_record_lsn:
