@@ -295,3 +295,30 @@ def test_leftover_l1_layers_of_an_interrupted_compaction_are_removed(tmp_path: P
     kept = _without_unrecorded_compactions([l0a, l0b, unfinished, finished], structlog.get_logger())
     assert kept == [l0a, l0b, finished]
     assert not unfinished.path.exists() and finished.path.exists()
+
+
+async def test_a_record_failing_half_way_leaves_no_trace(tmp_path: Path) -> None:
+    import struct
+
+    from neon.pageserver.walingest import WalIngest
+    from neon.postgres.errors import PayloadError
+    from neon.postgres.walformat import encode_record
+
+    tl = make_timeline(tmp_path)
+    mod = DatadirModification(tl)
+    mod.lsn = 0x100
+    mod.init_empty()
+    mod.put_checkpoint(CheckPoint.initial(0x100).pack())
+    mod.commit()
+    ingest = WalIngest.for_timeline(tl)
+    # A NEXTOID record with a truncated payload, from a new transaction: its xid moves nextXid
+    # forward before the payload fails to parse.
+    bad = encode_record(xid=5000, prev=0, info=0x30, rmid=0, main_data=b"\x01\x02")
+    with pytest.raises(PayloadError):
+        await ingest.ingest_batch([(0x100, 0x108, bad)], mod)
+    assert tl.last_record_lsn == 0x100 and not mod.pending
+    assert ingest.checkpoint == CheckPoint.initial(0x100)  # the committed value again
+    good = encode_record(xid=0, prev=0, info=0x30, rmid=0, main_data=struct.pack("<I", 24000))
+    await ingest.ingest_batch([(0x100, 0x108, good)], mod)
+    stored = CheckPoint.unpack(tl.get_checkpoint(0x108))
+    assert stored.next_oid == 24000 and stored.next_xid == 1024  # xid 0 rounds up; nothing of xid 5000

@@ -215,9 +215,31 @@ class WalIngest:
             rec = decode_record(raw, start)
             if self.needs_prefetch(rec):
                 await self.prefetch(rec)
-            self.ingest_record(rec, end, mod)
+            try:
+                self.ingest_record(rec, end, mod)
+            except BaseException:
+                self.abandon(mod)
+                raise
             n += 1
         return n
+
+    def abandon(self, mod: DatadirModification) -> None:
+        """Forget a record that failed half-way: its pending puts, and what the caches learnt from
+        them, so that the timeline is exactly as before the record and ingest can be retried."""
+        lsn = mod.lsn
+        mod.pending.clear()
+        mod.pending_images.clear()
+        mod.pending_records.clear()
+        mod.pending_nblocks = 0
+        tl = self.timeline
+        for cache in (tl.rel_size_cache, tl.reldir_cache):
+            for k in [k for k, (at, _) in cache.items() if at >= lsn]:
+                del cache[k]
+        # The checkpoint may have been changed by the failed record: reload the committed one.
+        self.checkpoint = CheckPoint.unpack(tl.get_checkpoint(tl.last_record_lsn))
+        self.checkpoint_modified = False
+        self._last_xid = -1
+        self._prefetched = {}
 
     # --- the per-record pipeline (§4.3) ---------------------------------------------------------------
     def ingest_record(self, rec: DecodedRecord, lsn: int, mod: DatadirModification) -> None:
