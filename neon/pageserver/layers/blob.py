@@ -40,6 +40,11 @@ class BlobEncoder:
             else None
         )
 
+    @property
+    def raw_below(self) -> int:
+        """Values shorter than this are stored raw under their length header, never compressed."""
+        return MIN_COMPRESS_SIZE
+
     def encode(self, value: bytes | bytearray | memoryview) -> tuple[bytes, bytes]:
         """(header, stored bytes) for `value`."""
         n = len(value)

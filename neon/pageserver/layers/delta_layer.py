@@ -93,22 +93,15 @@ class DeltaLayerWriter:
 
     def put_versions(self, key: bytes, versions: list[tuple[int, bool, bytes]]) -> None:
         """Every version of one key, (lsn, will_init, value) with strictly increasing LSNs; keys in
-        increasing order across calls. The same checks as `put`, once per key where they allow."""
+        increasing order across calls. The same checks and bytes as `put` for each."""
         if not versions:
             return
         if len(key) != KEY_SIZE or not isinstance(key, bytes):
             raise ValueError(f"a key is {KEY_SIZE} bytes, got {key!r}")
         if key < self.key_start or (self._last and key <= self._last[:KEY_SIZE]):
             raise ValueError(f"delta layer keys must be increasing and in range: {key.hex()}")
-        prev = -1
-        entries = []
-        for lsn, init, value in versions:
-            if not (prev < lsn and self.lsn_start <= lsn < self.lsn_end):
-                raise ValueError(f"LSN {Lsn(lsn)} of {key.hex()} out of order or outside the layer's range")
-            prev = lsn
-            entries.append((key + lsn.to_bytes(8, "big"), value, bool(init)))
-        self._file.append_many(entries)
-        self._last = entries[-1][0]
+        self._file.append_versions(key, versions, (self.lsn_start, self.lsn_end))
+        self._last = key + versions[-1][0].to_bytes(8, "big")
 
     def finish(self, key_end: bytes) -> Path:
         """Make the layer durable under its final name ``<KS>-<KE>__<LS>-<LE>``; returns its path."""

@@ -19,7 +19,16 @@ from neon.utils.crashsafe import fsync_path
 from neon.utils.id import TenantId, TimelineId
 from neon.utils.lsn import Lsn
 
-from .blob import LENGTH_MASK, LONG_HEADER_SIZE, SHORT_MAX, ZSTD_FLAG, BlobEncoder, decompress
+from .blob import (
+    LENGTH_MASK,
+    LONG_FLAG,
+    LONG_HEADER_SIZE,
+    MIN_COMPRESS_SIZE,
+    SHORT_MAX,
+    ZSTD_FLAG,
+    BlobEncoder,
+    decompress,
+)
 from .blockio import (
     BLOCK_SIZE,
     CHECKSUM_SIZE,
@@ -40,6 +49,10 @@ _WRITE_BATCH = 1 << 20
 _SCAN_BLOCKS = 64
 
 T = TypeVar("T")
+
+
+_SHORT_HEADERS = [bytes((n,)) for n in range(SHORT_MAX + 1)]
+_LONG_HEADERS = [(LONG_FLAG | n).to_bytes(4, "big") for n in range(MIN_COMPRESS_SIZE)]
 
 
 class LayerFileWriter:
@@ -114,28 +127,40 @@ class LayerFileWriter:
         if len(self._data) >= _WRITE_BATCH:
             self._flush_data(final=False)
 
-    def append_many(self, entries: list[tuple[bytes, bytes, bool]]) -> None:
-        """`append` for many delta entries at once, (index key, value, will_init) in index order
-        (the caller checked the order): the flush of an in-memory layer spends most of its time here."""
+    def append_versions(self, key: bytes, versions: list[tuple[int, bool, bytes]], lsn_range: tuple[int, int]) -> None:
+        """Every version of one delta key, (lsn, will_init, value) with strictly increasing LSNs in
+        `lsn_range` (checked here), keys increasing across calls (checked by the caller). The same
+        bytes as `append` per entry; the flush of an in-memory layer spends most of its time here."""
         self._check_open()
         encode = self._encoder.encode
+        raw_limit = self._encoder.raw_below
+        short_headers = _SHORT_HEADERS
+        long_headers = _LONG_HEADERS
         data = self._data
         data_len = self._data_len
         raw_bytes = stored_bytes = 0
         keys: list[bytes] = []
         refs: list[int] = []
-        for index_key, value, will_init in entries:
+        lo, hi = lsn_range
+        prev = -1
+        for lsn, will_init, value in versions:
+            if not (prev < lsn and lo <= lsn < hi):
+                raise ValueError(f"LSN {Lsn(lsn)} of {key.hex()} out of order or outside {Lsn(lo)}..{Lsn(hi)}")
+            prev = lsn
             n = len(value)
             if n <= SHORT_MAX:
-                header, stored = bytes((n,)), value
+                header = short_headers[n]
+                stored = value
+            elif n < raw_limit:
+                header = long_headers[n]
+                stored = value
             else:
                 header, stored = encode(value)
-            pos = data_len % PAYLOAD_SIZE
-            if PAYLOAD_SIZE - pos < LONG_HEADER_SIZE:
-                pad = PAYLOAD_SIZE - pos
+            if PAYLOAD_SIZE - data_len % PAYLOAD_SIZE < LONG_HEADER_SIZE:
+                pad = PAYLOAD_SIZE - data_len % PAYLOAD_SIZE
                 data += bytes(pad)
                 data_len += pad
-            keys.append(index_key)
+            keys.append(key + lsn.to_bytes(8, "big"))
             refs.append((data_len << 1) | will_init)
             data += header
             data += stored
