@@ -6,6 +6,7 @@ and corruption must be reported, never served."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import tempfile
@@ -269,3 +270,20 @@ async def test_fast_lane_stores_exactly_what_the_python_path_stores(env: Env) ->
     assert len(fast_entries) == len(slow_entries)
     assert fast_entries == slow_entries
     assert fast_rest == slow_rest
+
+
+async def test_checkpoint_timeout_flushes_an_idle_timeline_and_logical_size_stays_exact(env: Env) -> None:
+    tenant = env.create_tenant(TenantConfOverrides(checkpoint_timeout="1s"))
+    tl = await env.import_initdb()
+    assert tl.current_logical_size() == tl.calculate_logical_size(tl.last_record_lsn)  # now maintained
+    await env.ingest(tl, stop_after=env.run.snap_a.lsn - 1)
+    assert tl.current_logical_size() == tl.calculate_logical_size(env.run.snap_a.lsn)
+    assert tl.disk_consistent_lsn < tl.last_record_lsn  # still only in memory
+    flushed = asyncio.Event()
+    tenant.on_timeline_flush = lambda _tl: flushed.set()
+    tenant.start_background_loops()
+    # No more WAL arrives: the timer freezes the layer once it is a second old.
+    await asyncio.wait_for(flushed.wait(), timeout=30)
+    assert tl.disk_consistent_lsn == tl.last_record_lsn == env.run.snap_a.lsn
+    await env.ingest(tl)
+    assert tl.current_logical_size() == tl.calculate_logical_size(env.run.snap_b.lsn)

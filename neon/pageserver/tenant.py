@@ -86,6 +86,7 @@ class Tenant:
         self.on_timeline_flush: Callable[[Timeline], None] | None = None
         self._compaction_tasks: dict[TimelineId, asyncio.Task[None]] = {}
         self.compaction_errors = 0
+        self._loops: list[asyncio.Task[None]] = []
 
     # --- configuration ------------------------------------------------------------------------
     def conf(self) -> TenantConf:
@@ -234,6 +235,37 @@ class Tenant:
             if tl.state == "Active":
                 await compact(tl)
 
+    # --- background loops ------------------------------------------------------------------------
+    def start_background_loops(self) -> None:
+        """The periodic work of an active tenant: compaction every `compaction_period`, and a
+        once-a-second check that freezes open layers older than `checkpoint_timeout` even when no
+        more WAL arrives (ingest checks it only as records come in)."""
+        loop = asyncio.get_running_loop()
+        if not self._loops:
+            self._loops = [loop.create_task(self._compaction_loop()), loop.create_task(self._checkpoint_timer())]
+
+    async def _compaction_loop(self) -> None:
+        while self.state != "Stopping":
+            period = self.conf().compaction_period.total_seconds()
+            if period <= 0:
+                await asyncio.sleep(1)  # disabled: look at the config again later
+                continue
+            await asyncio.sleep(period)
+            try:
+                await self.compaction_iteration()
+            except CompactionCancelled:
+                return
+            except Exception as e:
+                self.compaction_errors += 1
+                self.log.error("compaction iteration failed", error=str(e))
+
+    async def _checkpoint_timer(self) -> None:
+        while self.state != "Stopping":
+            await asyncio.sleep(1)
+            for tl in list(self.timelines.values()):
+                if tl.state == "Active":
+                    tl.check_checkpoint_distance()
+
     async def wait_for_background_work(self) -> None:
         """Until no flush or compaction is running (tests and shutdown use this)."""
         while True:
@@ -373,6 +405,12 @@ class Tenant:
 
     async def shutdown(self, *, flush: bool = True) -> None:
         self.state = "Stopping"
+        for task in self._loops:
+            task.cancel()
+        for task in self._loops:
+            with contextlib.suppress(BaseException):
+                await task
+        self._loops = []
         # Compaction runs partly in worker threads, which a task cancellation would not stop:
         # signal the timelines and let each pass end at its next check, before anything closes.
         for tl in self.timelines.values():

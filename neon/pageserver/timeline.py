@@ -186,6 +186,13 @@ class Timeline(DatadirMapping):
         for key, init, value in values:
             put(key, lsn, init, value)
 
+    def current_logical_size(self) -> int:
+        """Bytes of all relations at last_record_lsn: kept up to date by ingest once known, computed
+        (and from then on maintained) the first time it is asked for after a load or a branch."""
+        if self.logical_size is None:
+            self.logical_size = self.calculate_logical_size(self.last_record_lsn)
+        return self.logical_size
+
     def open_layer_size(self) -> int:
         layer = self.layers.open_layer
         return 0 if layer is None else layer.size
