@@ -305,8 +305,93 @@ static PyObject *ingest_simple(PyObject *self, PyObject *args) {
     return Py_BuildValue("nKKKK", i - start, value_bytes, n_values, last_end, prev_end);
 }
 
+/*
+ * encode_versions(key, versions, start, data, data_len, lo, hi, raw_limit, payload_size, keys, refs)
+ *
+ * The inner loop of a delta layer flush (neon/pageserver/layers/layer_file.py append_versions):
+ * for versions[start:], (lsn, will_init, value) with strictly increasing LSNs in [lo, hi), append
+ * each value's blob (1-byte header below 128 bytes, else the 4-byte long header with the length)
+ * to `data`, padding so that no header straddles a block payload, and its index key and reference
+ * to `keys` and `refs`. Stops at the first value of `raw_limit` bytes or more (Python compresses
+ * those). Returns (next index, data_len, raw bytes, previous LSN); an LSN out of order or range is
+ * a ValueError.
+ */
+static PyObject *encode_versions(PyObject *self, PyObject *args) {
+    PyObject *key, *versions, *data, *keys, *refs;
+    Py_ssize_t start;
+    unsigned long long data_len, lo, hi, prev_in;
+    long long prev;
+    Py_ssize_t raw_limit, payload_size;
+    if (!PyArg_ParseTuple(args, "SO!nYKKKKnnO!O!", &key, &PyList_Type, &versions, &start, &data, &data_len, &lo, &hi,
+                          &prev_in, &raw_limit, &payload_size, &PyList_Type, &keys, &PyList_Type, &refs))
+        return NULL;
+    if (PyBytes_GET_SIZE(key) != 18 || payload_size < 8) {
+        PyErr_SetString(PyExc_ValueError, "encode_versions: bad key or payload size");
+        return NULL;
+    }
+    prev = (long long)prev_in - 1; /* prev_in is "previous LSN + 1" so that 0 means none */
+    const char *k = PyBytes_AS_STRING(key);
+    Py_ssize_t n = PyList_GET_SIZE(versions), i = start;
+    unsigned long long raw_bytes = 0;
+    for (; i < n; i++) {
+        PyObject *v = PyList_GET_ITEM(versions, i);
+        if (!PyTuple_Check(v) || PyTuple_GET_SIZE(v) != 3) {
+            PyErr_SetString(PyExc_TypeError, "versions must be (lsn, will_init, value) tuples");
+            return NULL;
+        }
+        PyObject *value = PyTuple_GET_ITEM(v, 2);
+        if (!PyBytes_Check(value)) break; /* let Python handle other buffer types */
+        Py_ssize_t len = PyBytes_GET_SIZE(value);
+        if (len >= raw_limit) break;
+        unsigned long long lsn = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(v, 0));
+        if (PyErr_Occurred()) return NULL;
+        int init = PyObject_IsTrue(PyTuple_GET_ITEM(v, 1));
+        if (init < 0) return NULL;
+        if (!((long long)lsn > prev && lsn >= lo && lsn < hi)) {
+            PyErr_Format(PyExc_ValueError, "LSN %llX of a delta key out of order or outside %llX..%llX", lsn, lo, hi);
+            return NULL;
+        }
+        prev = (long long)lsn;
+        uint8_t header[4];
+        Py_ssize_t hlen;
+        if (len <= 0x7F) {
+            header[0] = (uint8_t)len;
+            hlen = 1;
+        } else {
+            uint32_t h = 0x80000000u | (uint32_t)len;
+            header[0] = (uint8_t)(h >> 24); header[1] = (uint8_t)(h >> 16);
+            header[2] = (uint8_t)(h >> 8); header[3] = (uint8_t)h;
+            hlen = 4;
+        }
+        Py_ssize_t room = payload_size - (Py_ssize_t)(data_len % (unsigned long long)payload_size);
+        Py_ssize_t pad = room < 4 ? room : 0;
+        Py_ssize_t old = PyByteArray_GET_SIZE(data);
+        if (PyByteArray_Resize(data, old + pad + hlen + len) < 0) return NULL;
+        char *dst = PyByteArray_AS_STRING(data) + old;
+        memset(dst, 0, pad);
+        data_len += pad;
+        uint8_t ik[26];
+        memcpy(ik, k, 18);
+        for (int b = 0; b < 8; b++) ik[18 + b] = (uint8_t)(lsn >> (56 - 8 * b));
+        PyObject *ikey = PyBytes_FromStringAndSize((const char *)ik, 26);
+        if (ikey == NULL) return NULL;
+        PyObject *ref = PyLong_FromUnsignedLongLong((data_len << 1) | (unsigned)init);
+        if (ref == NULL) { Py_DECREF(ikey); return NULL; }
+        int rc = PyList_Append(keys, ikey) | PyList_Append(refs, ref);
+        Py_DECREF(ikey);
+        Py_DECREF(ref);
+        if (rc < 0) return NULL;
+        memcpy(dst + pad, header, hlen);
+        memcpy(dst + pad + hlen, PyBytes_AS_STRING(value), len);
+        data_len += hlen + len;
+        raw_bytes += len;
+    }
+    return Py_BuildValue("nKKK", i, data_len, raw_bytes, (unsigned long long)(prev + 1));
+}
+
 static PyMethodDef methods[] = {
     {"ingest_simple", ingest_simple, METH_VARARGS, "Store a run of plain block records into an in-memory layer."},
+    {"encode_versions", encode_versions, METH_VARARGS, "Append a delta key's raw values as blobs."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -51,6 +51,13 @@ _SCAN_BLOCKS = 64
 T = TypeVar("T")
 
 
+try:  # the flush's inner loop in C (native/ingestfast.c), when built
+    from neon._ingestfast import encode_versions as _encode_versions
+except ImportError:  # pragma: no cover
+    _encode_versions = None
+if os.environ.get("NEON_NO_NATIVE"):
+    _encode_versions = None
+
 _SHORT_HEADERS = [bytes((n,)) for n in range(SHORT_MAX + 1)]
 _LONG_HEADERS = [(LONG_FLAG | n).to_bytes(4, "big") for n in range(MIN_COMPRESS_SIZE)]
 
@@ -130,12 +137,11 @@ class LayerFileWriter:
     def append_versions(self, key: bytes, versions: list[tuple[int, bool, bytes]], lsn_range: tuple[int, int]) -> None:
         """Every version of one delta key, (lsn, will_init, value) with strictly increasing LSNs in
         `lsn_range` (checked here), keys increasing across calls (checked by the caller). The same
-        bytes as `append` per entry; the flush of an in-memory layer spends most of its time here."""
+        bytes as `append` per entry; the flush of an in-memory layer spends most of its time here,
+        so raw values go through the C loop when it is built."""
         self._check_open()
         encode = self._encoder.encode
         raw_limit = self._encoder.raw_below
-        short_headers = _SHORT_HEADERS
-        long_headers = _LONG_HEADERS
         data = self._data
         data_len = self._data_len
         raw_bytes = stored_bytes = 0
@@ -143,16 +149,29 @@ class LayerFileWriter:
         refs: list[int] = []
         lo, hi = lsn_range
         prev = -1
-        for lsn, will_init, value in versions:
+        i = 0
+        n_versions = len(versions)
+        while i < n_versions:
+            if _encode_versions is not None:
+                i, data_len, raw, prev_plus_one = _encode_versions(
+                    key, versions, i, data, data_len, lo, hi, prev + 1, raw_limit, PAYLOAD_SIZE, keys, refs
+                )
+                prev = prev_plus_one - 1
+                raw_bytes += raw
+                stored_bytes += raw
+                if i >= n_versions:
+                    break
+            lsn, will_init, value = versions[i]
+            i += 1
             if not (prev < lsn and lo <= lsn < hi):
                 raise ValueError(f"LSN {Lsn(lsn)} of {key.hex()} out of order or outside {Lsn(lo)}..{Lsn(hi)}")
             prev = lsn
             n = len(value)
             if n <= SHORT_MAX:
-                header = short_headers[n]
+                header = _SHORT_HEADERS[n]
                 stored = value
             elif n < raw_limit:
-                header = long_headers[n]
+                header = _LONG_HEADERS[n]
                 stored = value
             else:
                 header, stored = encode(value)
