@@ -142,14 +142,24 @@ class RecordStream:
             return None
 
     def until(self, lsn: int) -> Iterator[tuple[int, int, bytes]]:
-        while True:
-            rec = self._next()
-            if rec is None:
-                return
+        # A plain loop over the reader: this runs inside the timed ingest, once per record.
+        if self._pending is not None:
+            rec, self._pending = self._pending, None
             if rec[0] >= lsn:
                 self._pending = rec
                 return
             yield rec
+        if self.exhausted:
+            return
+        try:
+            for rec in self._it:
+                if rec[0] >= lsn:
+                    self._pending = rec
+                    return
+                yield rec
+        except WalDecodeError:
+            pass
+        self.exhausted = True
 
     def collect(self, lsn: int) -> list[tuple[int, int, bytes]]:
         return list(self.until(lsn))

@@ -12,6 +12,7 @@ import contextlib
 import os
 import re
 from collections.abc import Iterable, Sequence
+from itertools import islice
 from pathlib import Path
 
 from neon.postgres import slru
@@ -202,22 +203,24 @@ class WalImporter:
         """Ingest (start, end, raw) records whose end is above last_record_lsn; stop after the first
         record ending beyond `stop_after`. Returns the timeline's last_record_lsn."""
         tl = self.timeline
-        batch: list[tuple[int, int, bytes]] = []
         stop = False
         it = iter(records)
         while not stop:
-            batch.clear()
-            for item in it:
-                batch.append(item)
-                if stop_after is not None and item[1] > stop_after:
-                    stop = True
-                    break
-                if len(batch) >= BATCH_RECORDS:
-                    break
+            if stop_after is None:
+                batch = list(islice(it, BATCH_RECORDS))
+            else:
+                batch = []
+                for item in it:
+                    batch.append(item)
+                    if item[1] > stop_after:
+                        stop = True
+                        break
+                    if len(batch) >= BATCH_RECORDS:
+                        break
             if not batch:
                 break
             self.records += await self.ingest.ingest_batch(batch, self.modification)
-            self.bytes += sum(len(r[2]) for r in batch)
+            self.bytes += batch[-1][1] - batch[0][0]  # WAL bytes, page headers included
             tl.check_checkpoint_distance()
             # Let flushes and compactions run, and wait when flushing falls behind.
             await tl.ingest_backpressure()
