@@ -7,10 +7,11 @@ and corruption must be reported, never served."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,12 +25,15 @@ from neon.pageserver.page_cache import MaterializedPageCache
 from neon.pageserver.tenant import BranchLsnError, Tenant
 from neon.pageserver.tenant_config import TenantConfOverrides
 from neon.pageserver.timeline import Timeline
+from neon.postgres.errors import WalDecodeError
+from neon.postgres.walfiles import read_wal_files
+from neon.postgres.walrecord import decode_record
 from neon.utils.id import TenantId, TimelineId
 from neon.utils.lsn import Lsn
 from neon.walredo.launcher import PostgresRedoLauncher, scratch_parent
 from neon.walredo.manager import WalRedoManager
 from tests.fixtures.vanilla import make_test_root
-from tests.storage_oracle import DatadirReader, Snapshot, WorkloadRun, compare_with_datadir
+from tests.storage_oracle import DatadirReader, Snapshot, WorkloadRun, compare_with_datadir, run_storage_workload
 
 TINY = TenantConfOverrides(checkpoint_distance=256 * 1024)
 
@@ -287,3 +291,30 @@ async def test_checkpoint_timeout_flushes_an_idle_timeline_and_logical_size_stay
     assert tl.disk_consistent_lsn == tl.last_record_lsn == env.run.snap_a.lsn
     await env.ingest(tl)
     assert tl.current_logical_size() == tl.calculate_logical_size(env.run.snap_b.lsn)
+
+
+@pytest.fixture(scope="module")
+def compressed_fpi_workload() -> Iterator[WorkloadRun]:
+    root = make_test_root(prefix="neon-storage-lz4-")
+    try:
+        yield run_storage_workload(root, extra_config=["wal_compression = lz4"])
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def test_oracle_with_compressed_full_page_images(env: Env, compressed_fpi_workload: WorkloadRun) -> None:
+    # Compressed images are not extracted by ingest (spec §4.10): they stay Postgres records with
+    # will_init, and the redo helper decompresses them.
+    env.run = compressed_fpi_workload
+    compressed_fpis = 0
+    with contextlib.suppress(WalDecodeError):
+        for start, _, raw in read_wal_files(env.run.wal_files):
+            rec = decode_record(raw, start)
+            if rec.rmid == 0 and rec.info == 0xB0:  # XLOG_FPI
+                compressed_fpis += sum(1 for b in rec.blocks if b.image_compressed)
+    assert compressed_fpis > 100
+    env.create_tenant(TINY)
+    tl = await env.import_initdb()
+    await env.ingest(tl)
+    assert await env.mismatches(tl, env.run.snap_a) == []
+    assert await env.mismatches(tl, env.run.snap_b) == []
