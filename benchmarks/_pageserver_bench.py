@@ -26,7 +26,7 @@ from neon.pageserver.tenant import Tenant
 from neon.pageserver.tenant_config import TenantConfOverrides
 from neon.pageserver.timeline import Timeline
 from neon.postgres.errors import WalDecodeError
-from neon.postgres.walfiles import read_wal_files
+from neon.postgres.walfiles import read_wal_file_batches
 from neon.postgres.walformat import parse_wal_file_name
 from neon.utils.id import TenantId
 from neon.walredo.launcher import PostgresRedoLauncher, scratch_parent
@@ -121,48 +121,37 @@ def segments_from(files: Sequence[Path], lsn: int) -> list[Path]:
 class RecordStream:
     """The raw records of segment files from `start_lsn`, handed out in consecutive LSN slices.
 
-    `until(lsn)` yields the records that start before `lsn` and keeps the first one that does not
-    for the next slice; the first invalid record ends the stream (the end of the WAL)."""
+    `until(lsn)` yields lists of the records that start before `lsn` (the decoder's own batches,
+    as WAL ingest takes them) and keeps the rest for the next slice; the first invalid record ends
+    the stream (the end of the WAL)."""
 
     def __init__(self, files: Sequence[Path], start_lsn: int) -> None:
-        self._it = read_wal_files(segments_from(files, start_lsn), start_lsn=start_lsn)
-        self._pending: tuple[int, int, bytes] | None = None
+        self._it = read_wal_file_batches(segments_from(files, start_lsn), start_lsn=start_lsn)
+        self._pending: list[tuple[int, int, bytes]] = []
         self.exhausted = False
 
-    def _next(self) -> tuple[int, int, bytes] | None:
-        if self._pending is not None:
-            rec, self._pending = self._pending, None
-            return rec
-        if self.exhausted:
-            return None
-        try:
-            return next(self._it)
-        except (StopIteration, WalDecodeError):
-            self.exhausted = True
-            return None
-
-    def until(self, lsn: int) -> Iterator[tuple[int, int, bytes]]:
-        # A plain loop over the reader: this runs inside the timed ingest, once per record.
-        if self._pending is not None:
-            rec, self._pending = self._pending, None
-            if rec[0] >= lsn:
-                self._pending = rec
-                return
-            yield rec
-        if self.exhausted:
-            return
-        try:
-            for rec in self._it:
-                if rec[0] >= lsn:
-                    self._pending = rec
+    def until(self, lsn: int) -> Iterator[list[tuple[int, int, bytes]]]:
+        batch = self._pending
+        self._pending = []
+        while True:
+            if batch:
+                if batch[-1][0] >= lsn:
+                    cut = next(i for i, r in enumerate(batch) if r[0] >= lsn)
+                    if cut:
+                        yield batch[:cut]
+                    self._pending = batch[cut:]
                     return
-                yield rec
-        except WalDecodeError:
-            pass
-        self.exhausted = True
+                yield batch
+            if self.exhausted:
+                return
+            try:
+                batch = next(self._it)
+            except (StopIteration, WalDecodeError):
+                self.exhausted = True
+                return
 
     def collect(self, lsn: int) -> list[tuple[int, int, bytes]]:
-        return list(self.until(lsn))
+        return [rec for batch in self.until(lsn) for rec in batch]
 
 
 # --- measuring and reporting -----------------------------------------------------------------------------

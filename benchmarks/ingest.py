@@ -155,7 +155,7 @@ async def ingest(
         imp = WalImporter(tl)
         for step in steps:
             # Untimed: everything before the step, flushed, so the timed part starts from an empty open layer.
-            await imp.ingest_records(stream.until(step.start))
+            await imp.ingest_record_batches(stream.until(step.start))
             await tl.freeze_and_flush()
             before = set(layer_file_names(tl))
             n0 = imp.records
@@ -164,7 +164,7 @@ async def ingest(
 
             async def timed(step: Step = step) -> None:
                 nonlocal flush_started
-                await imp.ingest_records(stream.until(step.end))
+                await imp.ingest_record_batches(stream.until(step.end))
                 flush_started = time.perf_counter()
                 await tl.freeze_and_flush()
 
@@ -179,7 +179,7 @@ async def ingest(
                 raise SystemExit(f"{step.name}: ingest stopped at {Lsn(tl.last_record_lsn)}, before {step.end}")
             new_layers = len(set(layer_file_names(tl)) - before)
             results.append(Ingested(step, imp.records - n0, secs, flush, cpu, new_layers, args.profile))
-        await imp.ingest_records(stream.until(1 << 63))  # the shutdown checkpoint
+        await imp.ingest_record_batches(stream.until(1 << 63))  # the shutdown checkpoint
         await tl.freeze_and_flush()
         total_layers = len(layer_file_names(tl))
         size = sum((tl.path / n).stat().st_size for n in layer_file_names(tl))

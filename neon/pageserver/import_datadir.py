@@ -20,7 +20,7 @@ from neon.postgres.constants import BLCKSZ
 from neon.postgres.controlfile import ControlFileData, DBState
 from neon.postgres.crc32c import crc32c
 from neon.postgres.errors import WalDecodeError
-from neon.postgres.walfiles import read_wal_files
+from neon.postgres.walfiles import read_wal_file_batches
 from neon.walredo.records import SlruKind
 
 from .datadir_mapping import AlreadyExistsError, DatadirModification
@@ -202,28 +202,31 @@ class WalImporter:
     async def ingest_records(self, records: Iterable[tuple[int, int, bytes]], *, stop_after: int | None = None) -> int:
         """Ingest (start, end, raw) records whose end is above last_record_lsn; stop after the first
         record ending beyond `stop_after`. Returns the timeline's last_record_lsn."""
-        tl = self.timeline
-        stop = False
         it = iter(records)
-        while not stop:
-            if stop_after is None:
-                batch = list(islice(it, BATCH_RECORDS))
-            else:
-                batch = []
-                for item in it:
-                    batch.append(item)
-                    if item[1] > stop_after:
-                        stop = True
-                        break
-                    if len(batch) >= BATCH_RECORDS:
-                        break
-            if not batch:
-                break
-            self.records += await self.ingest.ingest_batch(batch, self.modification)
-            self.bytes += batch[-1][1] - batch[0][0]  # WAL bytes, page headers included
-            tl.check_checkpoint_distance()
-            # Let flushes and compactions run, and wait when flushing falls behind.
-            await tl.ingest_backpressure()
+        return await self.ingest_record_batches(
+            iter(lambda: list(islice(it, BATCH_RECORDS)), []), stop_after=stop_after
+        )
+
+    async def ingest_record_batches(
+        self, batches: Iterable[list[tuple[int, int, bytes]]], *, stop_after: int | None = None
+    ) -> int:
+        """`ingest_records` for records that come in lists (as the WAL decoder produces them)."""
+        tl = self.timeline
+        for batch in batches:
+            while batch:
+                chunk, batch = batch[:BATCH_RECORDS], batch[BATCH_RECORDS:]
+                stop = False
+                if stop_after is not None and chunk[-1][1] > stop_after:
+                    # Up to and including the first record that ends beyond stop_after.
+                    cut = next(i for i, r in enumerate(chunk) if r[1] > stop_after)
+                    chunk, stop = chunk[: cut + 1], True
+                self.records += await self.ingest.ingest_batch(chunk, self.modification)
+                self.bytes += chunk[-1][1] - chunk[0][0]  # WAL bytes, page headers included
+                tl.check_checkpoint_distance()
+                # Let flushes and compactions run, and wait when flushing falls behind.
+                await tl.ingest_backpressure()
+                if stop:
+                    return tl.last_record_lsn
         return tl.last_record_lsn
 
     async def ingest_files(
@@ -239,10 +242,10 @@ class WalImporter:
         seg = start_lsn // (16 * 1024 * 1024)
         chosen = [f for f in files if int(f.name[16:24], 16) + (int(f.name[8:16], 16) << 8) >= seg]
 
-        def gen() -> Iterable[tuple[int, int, bytes]]:
+        def gen() -> Iterable[list[tuple[int, int, bytes]]]:
             try:
-                yield from read_wal_files(chosen, start_lsn=start_lsn, prev_lsn=prev_lsn)
+                yield from read_wal_file_batches(chosen, start_lsn=start_lsn, prev_lsn=prev_lsn)
             except WalDecodeError:
                 return
 
-        return await self.ingest_records(gen(), stop_after=stop_after)
+        return await self.ingest_record_batches(gen(), stop_after=stop_after)

@@ -124,15 +124,21 @@ class WalStreamDecoder:
     # --- output ----------------------------------------------------------------------------
     def poll(self) -> WalRecordBytes | None:
         """The next complete record, or None if more input is needed."""
-        for rec in self._drain(1):
-            return rec
+        for batch in self._drain(1):
+            return batch[0]
         return None
 
     def records(self) -> Iterator[WalRecordBytes]:
         """Every record completed by the input fed so far."""
+        for batch in self._drain(-1):
+            yield from batch
+
+    def record_batches(self) -> Iterator[list[WalRecordBytes]]:
+        """The same records as `records`, in lists (as the C scanner produces them): for consumers
+        that handle records in batches and would otherwise pay a generator step per record."""
         return self._drain(-1)
 
-    def _drain(self, limit: int) -> Iterator[WalRecordBytes]:
+    def _drain(self, limit: int) -> Iterator[list[WalRecordBytes]]:
         if self._error is not None:
             raise self._error
         try:
@@ -200,7 +206,7 @@ class WalStreamDecoder:
         self._page_room = XLOG_BLCKSZ - hdr_size
         return True
 
-    def _decode(self, limit: int) -> Iterator[WalRecordBytes]:
+    def _decode(self, limit: int) -> Iterator[list[WalRecordBytes]]:
         while limit:
             buf = self._buf
             avail = len(buf) - self._off
@@ -239,7 +245,7 @@ class WalStreamDecoder:
                 if len(self._partial) == self._partial_total:
                     rec = bytes(self._partial)
                     self._partial = None
-                    yield self._finish(rec, self._partial_start)
+                    yield [self._finish(rec, self._partial_start)]
                     limit -= 1
                 continue
 
@@ -247,7 +253,7 @@ class WalStreamDecoder:
             if self._native and limit != 1 and not self._may_skip_contrecord:
                 got = self._native_scan(_NATIVE_BATCH if limit < 0 else min(limit, _NATIVE_BATCH))
                 if got:
-                    yield from got
+                    yield got
                     limit -= len(got)
                     continue
                 buf = self._buf
@@ -273,7 +279,7 @@ class WalStreamDecoder:
                 self._check_header(buf, off, start)
                 rec = bytes(buf[off : off + tot_len])
                 self._consume(tot_len)
-                yield self._finish(rec, start)
+                yield [self._finish(rec, start)]
                 limit -= 1
             else:
                 n = min(room, avail)

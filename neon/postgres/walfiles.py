@@ -39,6 +39,19 @@ def read_wal_files(
     """Records from consecutive segment files (named as in pg_wal), from the first file's start
     or from `start_lsn` inside it. The first invalid record raises WalDecodeError naming the
     LSN and the file that holds it."""
+    for batch in read_wal_file_batches(paths, start_lsn=start_lsn, prev_lsn=prev_lsn, seg_size=seg_size, native=native):
+        yield from batch
+
+
+def read_wal_file_batches(
+    paths: Sequence[str | os.PathLike[str]],
+    *,
+    start_lsn: int | None = None,
+    prev_lsn: int | None = None,
+    seg_size: int | None = None,
+    native: bool | None = None,
+) -> Iterator[list[WalRecordBytes]]:
+    """`read_wal_files` in lists of records (for batch consumers such as WAL ingest)."""
     files = [Path(p) for p in paths]
     if not files:
         return
@@ -69,7 +82,7 @@ def read_wal_files(
                     f.seek(begin - seg_start)
                 while chunk := f.read(READ_CHUNK):
                     dec.feed(chunk)
-                    yield from dec.records()
+                    yield from dec.record_batches()
     except WalDecodeError as e:
         if e.lsn is not None and e.source is None:
             e.source = str(names.get(e.lsn // seg_size, ordered[-1][1]))
