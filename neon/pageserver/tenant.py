@@ -68,8 +68,10 @@ class Tenant:
         scratch_dir: Path | None = None,
         pg_distrib: PgDistrib | None = None,
         pg_user: PostgresUser | None = None,
+        superuser: str = "cloud_admin",
     ) -> None:
         self.tenant_id = tenant_id
+        self.superuser = superuser  # initdb's bootstrap superuser (initial_superuser_name)
         self.path = path
         self.walredo = walredo
         self.page_cache = page_cache
@@ -87,6 +89,7 @@ class Tenant:
         self._compaction_tasks: dict[TimelineId, asyncio.Task[None]] = {}
         self.compaction_errors = 0
         self._loops: list[asyncio.Task[None]] = []
+        self.broken_reason: str | None = None
 
     # --- configuration ------------------------------------------------------------------------
     def conf(self) -> TenantConf:
@@ -346,7 +349,7 @@ class Tenant:
             shutil.rmtree(tmp)
         try:
             await asyncio.get_running_loop().run_in_executor(
-                None, lambda: initdb(distrib, user, tmp, extra_args=["--no-sync"])
+                None, lambda: initdb(distrib, user, tmp, extra_args=["--no-sync"], superuser=self.superuser)
             )
             return await self.import_timeline(timeline_id, tmp, pg_version=pg_version)
         finally:
@@ -402,6 +405,14 @@ class Tenant:
         shutil.rmtree(tl.path, ignore_errors=True)
         os.unlink(mark)
         fsync_path(self.timelines_path)
+
+    async def set_broken(self, reason: str) -> None:
+        """Stop serving: the background loops end and the timelines stop, without flushing (the data
+        may be what broke the tenant); what is on disk stays as it is."""
+        self.log.error("tenant is broken", reason=reason)
+        self.broken_reason = reason
+        await self.shutdown(flush=False)
+        self.state = "Broken"
 
     async def shutdown(self, *, flush: bool = True) -> None:
         self.state = "Stopping"

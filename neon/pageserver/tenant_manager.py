@@ -177,6 +177,7 @@ class TenantManager:
             "scratch_dir": initdb_scratch,
             "pg_distrib": self._pg_distrib,
             "pg_user": self._pg_user,
+            "superuser": self.conf.initial_superuser_name,
         }
 
     # --- loading ------------------------------------------------------------------------------
@@ -312,13 +313,13 @@ class TenantManager:
         fsync_path(path)
         return self._load_one(tenant_id, path)
 
-    def break_tenant(self, tenant_id: TenantId, reason: str = "requested by the testing API") -> None:
-        """Testing: mark the tenant Broken (it stops serving; its data stays on disk)."""
+    async def break_tenant(self, tenant_id: TenantId, reason: str = "requested by the testing API") -> None:
+        """Testing: mark the tenant Broken (its loops and timelines stop; its data stays on disk)."""
         slot = self.get_slot(tenant_id)
         if slot.broken_reason is not None:
             raise TenantManagerError(f"tenant {tenant_id} is already broken")
         slot.broken_reason = reason
-        slot.tenant.state = "Broken"
+        await slot.tenant.set_broken(reason)
 
     def _remove_tenant_dir(self, path: Path) -> None:
         if path.exists():

@@ -148,8 +148,10 @@ def initdb(
     datadir: str | os.PathLike[str],
     *,
     extra_args: list[str] | None = None,
+    superuser: str = "cloud_admin",
 ) -> None:
-    """Run initdb as `user` into a new directory `datadir` (its parent must exist)."""
+    """Run initdb as `user` into a new directory `datadir` (its parent must exist); `superuser`
+    is the cluster's bootstrap superuser (Neon's `initial_superuser_name`)."""
     target = Path(datadir)
     user.make_dir(target, 0o700)
     user.run(
@@ -158,7 +160,7 @@ def initdb(
             "-D",
             target,
             "-U",
-            "cloud_admin",
+            superuser,
             "--no-instructions",
             "-A",
             "trust",

@@ -291,7 +291,7 @@ async def tenant_load(request: web.Request) -> web.Response:
 
 async def tenant_break(request: web.Request) -> web.Response:
     try:
-        _mgr(request).break_tenant(_tenant_id(request))
+        await _mgr(request).break_tenant(_tenant_id(request))
     except TenantNotFound:
         raise
     except TenantManagerError as e:
