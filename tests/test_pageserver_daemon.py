@@ -1,0 +1,141 @@
+"""`neon-pageserver` as a real process: --init, start, the HTTP API and the page service on their
+ports, one daemon per workdir, SIGTERM flushes and exits 0, a restart serves the same timelines."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from neon.pq.client import connect
+
+TIMEOUT = 60.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Daemon:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.pg_port = free_port()
+        self.http_port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = workdir.parent / "pageserver.log"
+
+    def cmd(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "neon.pageserver.main", "-D", str(self.workdir), *args]
+
+    def init(self) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            self.cmd(
+                "--init",
+                "-c",
+                "id=7",
+                "-c",
+                f"listen_pg_addr='127.0.0.1:{self.pg_port}'",
+                "-c",
+                f"listen_http_addr='127.0.0.1:{self.http_port}'",
+                "-c",
+                "log_format='json'",
+            ),
+            capture_output=True,
+            text=True,
+        )
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.cmd(), stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
+
+    def http(self, method: str, path: str, body: object | None = None) -> tuple[int, object]:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data, method=method)
+        req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=TIMEOUT) as resp:
+                raw = resp.read()
+                return resp.status, json.loads(raw) if raw else None
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"null")
+
+    async def wait_ready(self) -> None:
+        """Until /v1/status answers (the daemon is up), failing if the process exits."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + TIMEOUT
+        while loop.time() < deadline:
+            assert self.proc is not None and self.proc.poll() is None, self.log.read_text()[-3000:]
+            try:
+                status, _ = await asyncio.to_thread(self.http, "GET", "/v1/status")
+                if status == 200:
+                    return
+            except (ConnectionError, urllib.error.URLError):
+                pass
+            await asyncio.sleep(0.05)  # polling a process that is starting: there is nothing to wait on
+        raise TimeoutError("pageserver did not start")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=TIMEOUT)
+
+
+@pytest.fixture
+def daemon(test_root: Path) -> Iterator[Daemon]:
+    d = Daemon(test_root / "ps")
+    yield d
+    if d.proc is not None and d.proc.poll() is None:
+        d.proc.kill()
+        d.proc.wait()
+
+
+async def test_daemon_lifecycle(daemon: Daemon) -> None:
+    init = daemon.init()
+    assert init.returncode == 0, init.stderr
+    assert (daemon.workdir / "pageserver.toml").exists() and (daemon.workdir / "tenants").is_dir()
+    again = daemon.init()
+    assert again.returncode != 0 and "already" in again.stderr
+    daemon.start()
+    await daemon.wait_ready()
+    # A second daemon on the same workdir is refused with a clear error.
+    second = subprocess.run(daemon.cmd(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert second.returncode != 0 and "locked" in second.stderr
+    status, tenant_id = await asyncio.to_thread(daemon.http, "POST", "/v1/tenant", {})
+    assert status == 201, tenant_id
+    status, info = await asyncio.to_thread(
+        daemon.http, "POST", f"/v1/tenant/{tenant_id}/timeline", {"new_timeline_id": "11" * 16}
+    )
+    assert status == 201, info
+    assert isinstance(info, dict) and info["timeline_id"] == "11" * 16
+    # The page service answers on its port.
+    conn = await connect("127.0.0.1", daemon.pg_port, "cloud_admin")
+    rows = await conn.query(f"get_last_record_rlsn {tenant_id} {'11' * 16}")
+    assert rows == [(info["prev_record_lsn"], info["last_record_lsn"])]  # (prev, last), as Neon answers
+    await conn.close()
+    assert daemon.stop() == 0
+    log = daemon.log.read_text()
+    assert "pageserver stopped" in log and "Traceback" not in log
+    # Restart: the same tenant and timeline with the same LSNs.
+    daemon.start()
+    await daemon.wait_ready()
+    status, again_info = await asyncio.to_thread(daemon.http, "GET", f"/v1/tenant/{tenant_id}/timeline/{'11' * 16}")
+    assert status == 200 and isinstance(again_info, dict)
+    assert again_info["last_record_lsn"] == info["last_record_lsn"]
+    assert again_info["disk_consistent_lsn"] == info["disk_consistent_lsn"]
+    assert daemon.stop(signal.SIGINT) == 0
+
+
+def test_bad_config_is_a_clear_error(daemon: Daemon) -> None:
+    assert daemon.init().returncode == 0
+    bad = subprocess.run(daemon.cmd("-c", "no_such_option=1"), capture_output=True, text=True, timeout=TIMEOUT)
+    assert bad.returncode == 2 and "no_such_option" in bad.stderr
