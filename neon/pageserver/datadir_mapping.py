@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from neon.postgres.constants import BLCKSZ, FSM_FORKNUM, VISIBILITYMAP_FORKNUM
+from neon.utils.lsn import Lsn
 from neon.walredo.records import SlruKind, WalRecord
 
 from . import key as K
@@ -105,7 +106,7 @@ class DatadirMapping:
             return 0  # Postgres asks for the size of forks it never created
         raw = self.try_get_image(rel_size_key_bytes(tag), lsn)
         if raw is None:
-            raise RelationError(f"relation {tag} does not exist at LSN {lsn:X}")
+            raise RelationError(f"relation {tag} does not exist at LSN {Lsn(lsn)}")
         nblocks = decode_nblocks(raw)
         if latest:
             self._update_cached_rel_size(tag, lsn, nblocks)

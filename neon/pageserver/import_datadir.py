@@ -21,6 +21,7 @@ from neon.postgres.controlfile import ControlFileData, DBState
 from neon.postgres.crc32c import crc32c
 from neon.postgres.errors import WalDecodeError
 from neon.postgres.walfiles import read_wal_file_batches
+from neon.utils.lsn import Lsn
 from neon.walredo.records import SlruKind
 
 from .datadir_mapping import AlreadyExistsError, DatadirModification
@@ -160,8 +161,6 @@ def _import_zenith_signal(mod: DatadirModification, path: Path) -> None:
     value = text[len("PREV LSN:") :].strip()
     if value in ("none", "invalid"):
         return
-    from neon.utils.lsn import Lsn
-
     prev = Lsn.parse(value)
     mod.tline.advance_last_record_lsn(prev)
 
@@ -175,7 +174,9 @@ def check_bootstrap_datadir(pgdata: Path) -> int:
     if lsn % 8:
         lsn += 8 - lsn % 8
     if cf.checkpoint_copy.redo != lsn:
-        raise DatadirImportError(f"{pgdata}: checkpoint redo {cf.checkpoint_copy.redo:X} is not its location {lsn:X}")
+        raise DatadirImportError(
+            f"{pgdata}: checkpoint redo {Lsn(cf.checkpoint_copy.redo)} is not its location {Lsn(lsn)}"
+        )
     return lsn
 
 
