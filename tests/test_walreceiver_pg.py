@@ -100,3 +100,24 @@ async def test_refuses_another_system(
         assert not receiver.status.connected
     finally:
         other.cleanup()
+
+
+async def test_wal_source_is_persisted_and_resumed_after_a_reload(setup: Setup) -> None:
+    pg, tenant, tl, mgr = setup
+    await tenant.set_wal_source(tl.timeline_id, WalSource.parse(f"host={pg.sockdir} port={pg.port} user=cloud_admin"))
+    assert tenant.wal_source(tl.timeline_id) == WalSource(str(pg.sockdir), pg.port)
+    pg.safe_psql("CREATE TABLE a (i int); INSERT INTO a SELECT generate_series(1, 1000)")
+    await tl.wait_lsn(Lsn.parse(pg.current_wal_lsn()), WAIT)
+    await tenant.shutdown()  # stops the receiver, flushes
+    reloaded = Tenant.load(tenant.path, walredo=mgr, page_cache=MaterializedPageCache(), scratch_dir=tenant.scratch_dir)
+    try:
+        reloaded.start_background_loops()  # resumes streaming from disk_consistent_lsn
+        tl2 = reloaded.get_timeline(tl.timeline_id)
+        pg.safe_psql("INSERT INTO a SELECT generate_series(1001, 2000)")
+        await tl2.wait_lsn(Lsn.parse(pg.current_wal_lsn()), WAIT)
+        await reloaded.set_wal_source(tl.timeline_id, None)
+        assert reloaded.wal_source(tl.timeline_id) is None and not reloaded.wal_receivers
+    finally:
+        await reloaded.shutdown()
+    with pytest.raises(ValueError, match="unsupported connection string key"):
+        WalSource.parse("host=/tmp sslmode=require")

@@ -19,7 +19,7 @@ from pathlib import Path
 import structlog
 
 from neon.postgres.pg_distrib import PgDistrib, PostgresUser, initdb
-from neon.utils.crashsafe import durable_mkdir, fsync_path
+from neon.utils.crashsafe import durable_mkdir, durable_write, fsync_path
 from neon.utils.id import TenantId, TimelineId
 from neon.utils.lsn import Lsn
 from neon.walredo.manager import WalRedoManager
@@ -30,8 +30,10 @@ from .metadata import TimelineMetadata, load_metadata
 from .page_cache import MaterializedPageCache
 from .tenant_config import TenantConf, TenantConfOverrides, read_tenant_config, write_tenant_config
 from .timeline import Timeline
+from .walreceiver import WalReceiver, WalSource
 
 UNINIT_MARK = "___uninit"
+WAL_SOURCE_FILE = "wal_source"  # the timeline's WAL source connection string (until the broker picks one)
 DELETE_MARK = "___delete"
 TIMELINES_DIR = "timelines"
 
@@ -90,6 +92,7 @@ class Tenant:
         self.compaction_errors = 0
         self._loops: list[asyncio.Task[None]] = []
         self.broken_reason: str | None = None
+        self.wal_receivers: dict[TimelineId, WalReceiver] = {}
 
     # --- configuration ------------------------------------------------------------------------
     def conf(self) -> TenantConf:
@@ -246,6 +249,43 @@ class Tenant:
         loop = asyncio.get_running_loop()
         if not self._loops:
             self._loops = [loop.create_task(self._compaction_loop()), loop.create_task(self._checkpoint_timer())]
+            for tl in self.timelines.values():
+                source = self.wal_source(tl.timeline_id)
+                if source is not None and tl.timeline_id not in self.wal_receivers:
+                    self._start_wal_receiver(tl, source)
+
+    # --- WAL sources ---------------------------------------------------------------------------
+    def wal_source(self, timeline_id: TimelineId) -> WalSource | None:
+        """The stored WAL source of a timeline (None: no receiver runs for it)."""
+        path = self.get_timeline(timeline_id).path / WAL_SOURCE_FILE
+        try:
+            return WalSource.parse(path.read_text().strip())
+        except FileNotFoundError:
+            return None
+
+    async def set_wal_source(self, timeline_id: TimelineId, source: WalSource | None) -> None:
+        """Stream the timeline's WAL from `source` from now on (and after restarts); None stops it."""
+        tl = self.get_timeline(timeline_id)
+        receiver = self.wal_receivers.pop(timeline_id, None)
+        if receiver is not None:
+            await receiver.stop()
+        path = tl.path / WAL_SOURCE_FILE
+        if source is None:
+            path.unlink(missing_ok=True)
+            fsync_path(tl.path)
+            return
+        durable_write(path, (source.connstr() + "\n").encode())
+        self._start_wal_receiver(tl, source)
+
+    def _start_wal_receiver(self, tl: Timeline, source: WalSource) -> None:
+        receiver = WalReceiver(tl, source)
+        self.wal_receivers[tl.timeline_id] = receiver
+        receiver.start()
+
+    async def _stop_wal_receivers(self) -> None:
+        receivers, self.wal_receivers = self.wal_receivers, {}
+        for receiver in receivers.values():
+            await receiver.stop()
 
     async def _compaction_loop(self) -> None:
         while self.state != "Stopping":
@@ -397,6 +437,9 @@ class Tenant:
         children = [t.timeline_id for t in self.timelines.values() if t.ancestor is tl]
         if children:
             raise TenantError(f"timeline {timeline_id} has child timelines: {', '.join(map(str, children))}")
+        receiver = self.wal_receivers.pop(timeline_id, None)
+        if receiver is not None:
+            await receiver.stop()
         mark = self.timelines_path / f"{timeline_id}{DELETE_MARK}"
         mark.touch()
         fsync_path(self.timelines_path)
@@ -416,6 +459,7 @@ class Tenant:
 
     async def shutdown(self, *, flush: bool = True) -> None:
         self.state = "Stopping"
+        await self._stop_wal_receivers()  # no more WAL coming in while timelines flush
         for task in self._loops:
             task.cancel()
         for task in self._loops:

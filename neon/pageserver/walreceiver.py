@@ -50,6 +50,34 @@ class WalSource:
     def __str__(self) -> str:
         return f"{self.user}@{self.host}:{self.port}"
 
+    @classmethod
+    def parse(cls, connstr: str) -> WalSource:
+        """From a libpq key=value connection string (host, port, user, password, dbname)."""
+        values: dict[str, str] = {}
+        for item in connstr.split():
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise ValueError(f"invalid connection string item {item!r}: expected key=value")
+            if key not in ("host", "port", "user", "password", "dbname"):
+                raise ValueError(f"unsupported connection string key {key!r}")
+            values[key] = value.strip("'")
+        if "host" not in values:
+            raise ValueError("connection string has no host")
+        try:
+            port = int(values.get("port", "5432"))
+        except ValueError:
+            raise ValueError(f"invalid port {values['port']!r}") from None
+        user = values.get("user", "cloud_admin")
+        return cls(values["host"], port, user, values.get("password"), values.get("dbname"))
+
+    def connstr(self) -> str:
+        parts = [f"host={self.host}", f"port={self.port}", f"user={self.user}"]
+        if self.password is not None:
+            parts.append(f"password={self.password}")
+        if self.dbname is not None:
+            parts.append(f"dbname={self.dbname}")
+        return " ".join(parts)
+
 
 @dataclass
 class WalReceiverStatus:

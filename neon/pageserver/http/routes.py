@@ -33,8 +33,10 @@ from neon.pageserver.tenant_manager import (
     TenantNotFound,
 )
 from neon.pageserver.timeline import Timeline, WaitLsnTimeout
+from neon.pageserver.walreceiver import WalSource
 from neon.postgres.pg_distrib import PG_MAJOR
 from neon.utils.id import TenantId, TimelineId
+from neon.utils.lsn import Lsn
 
 from .models import LayerMapInfo, TenantInfo, TimelineCreateRequest, TimelineInfo
 
@@ -410,6 +412,44 @@ async def timeline_layers(request: web.Request) -> web.Response:
     return _json(LayerMapInfo.from_timeline(tl).to_json())
 
 
+async def timeline_wal_source_put(request: web.Request) -> web.Response:
+    """Our extension (no Neon equivalent: Neon's pageserver learns its sources from the broker):
+    {"connstr": "host=... port=... user=..."} makes the timeline stream WAL from that Postgres,
+    {"connstr": null} stops it. Persisted with the timeline, resumed after a restart."""
+    tenant = _active_tenant(request)
+    timeline_id = _timeline_id(request)
+    tenant.get_timeline(timeline_id)
+    body = await _json_body(request)
+    if not isinstance(body, dict) or set(body) != {"connstr"}:
+        raise ApiError(400, 'Failed to parse json request: expected {"connstr": <string or null>}')
+    connstr = body["connstr"]
+    if connstr is not None and not isinstance(connstr, str):
+        raise ApiError(400, "Failed to parse json request: connstr must be a string or null")
+    try:
+        source = None if connstr is None else WalSource.parse(connstr)
+    except ValueError as e:
+        raise ApiError(400, f"invalid connstr: {e}") from None
+    await tenant.set_wal_source(timeline_id, source)
+    return _json(None)
+
+
+async def timeline_wal_source_get(request: web.Request) -> web.Response:
+    tenant = _active_tenant(request)
+    timeline_id = _timeline_id(request)
+    source = tenant.wal_source(timeline_id)
+    receiver = tenant.wal_receivers.get(timeline_id)
+    st = receiver.status if receiver is not None else None
+    return _json(
+        {
+            "connstr": None if source is None else source.connstr(),
+            "connected": bool(st and st.connected),
+            "connects": st.connects if st else 0,
+            "last_received_lsn": str(Lsn(st.last_received_lsn)) if st else "0/0",
+            "last_error": st.last_error if st else None,
+        }
+    )
+
+
 def make_app(manager: TenantManager, conf: PageServerConf) -> web.Application:
     """The management API over `manager`. Refuses settings this implementation cannot honour."""
     conf.refuse_unsupported()
@@ -437,4 +477,6 @@ def make_app(manager: TenantManager, conf: PageServerConf) -> web.Application:
     r.add_put(tl + "/checkpoint", timeline_checkpoint)
     r.add_put(tl + "/compact", timeline_compact)
     r.add_get(tl + "/layer", timeline_layers)
+    r.add_put(tl + "/wal_source", timeline_wal_source_put)
+    r.add_get(tl + "/wal_source", timeline_wal_source_get)
     return app
