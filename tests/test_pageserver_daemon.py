@@ -122,6 +122,11 @@ async def test_daemon_lifecycle(daemon: Daemon) -> None:
     rows = await conn.query(f"get_last_record_rlsn {tenant_id} {'11' * 16}")
     assert rows == [(info["prev_record_lsn"], info["last_record_lsn"])]  # (prev, last), as Neon answers
     await conn.close()
+    with urllib.request.urlopen(f"http://127.0.0.1:{daemon.http_port}/metrics", timeout=TIMEOUT) as resp:
+        text = resp.read().decode()
+    assert f'pageserver_last_record_lsn{{tenant_id="{tenant_id}",timeline_id="{"11" * 16}"}}' in text
+    for name in ("pageserver_wal_redo_seconds", "pageserver_smgr_query_seconds", "pageserver_event_loop_lag_seconds"):
+        assert name in text
     assert daemon.stop() == 0
     log = daemon.log.read_text()
     assert "pageserver stopped" in log and "Traceback" not in log

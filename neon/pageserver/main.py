@@ -93,9 +93,11 @@ async def serve(conf: PageServerConf, workdir: Path, *, ready: asyncio.Event | N
     http_host, http_port = _host_port(conf.listen_http_addr)
     site = web.TCPSite(runner, http_host, http_port, reuse_address=True)
     pg_host, pg_port = _host_port(conf.listen_pg_addr)
-    page_service = PqServer(
-        PageServiceHandler(ManagerLookup(manager), wait_lsn_timeout=conf.wait_lsn_timeout.total_seconds())
+    handler = PageServiceHandler(
+        ManagerLookup(manager), wait_lsn_timeout=conf.wait_lsn_timeout.total_seconds(), metrics=manager.metrics
     )
+    page_service = PqServer(handler)
+    lag = asyncio.get_running_loop().create_task(manager.metrics.measure_event_loop_lag())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -115,6 +117,7 @@ async def serve(conf: PageServerConf, workdir: Path, *, ready: asyncio.Event | N
         await stop.wait()
         log.info("shutting down")
     finally:
+        lag.cancel()
         await page_service.stop(grace=5.0)
         await runner.cleanup()
         await manager.shutdown()  # flushes every timeline's open layer

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from neon.pageserver import pagestream as ps
 from neon.pageserver.basebackup import BasebackupError, write_basebackup
+from neon.pageserver.metrics import PageserverMetrics
 from neon.pageserver.tenant import TimelineNotFound
 from neon.pq.errors import PgError, SqlState
 from neon.pq.server import Column, CopyOutStream, Session
@@ -139,11 +140,18 @@ class PageServiceHandler:
     `wait_lsn_timeout` (seconds) bounds every wait for an LSN (pagestream requests, basebackup
     at an explicit LSN)."""
 
-    def __init__(self, lookup: TimelineLookup, *, wait_lsn_timeout: float = DEFAULT_WAIT_LSN_TIMEOUT) -> None:
+    def __init__(
+        self,
+        lookup: TimelineLookup,
+        *,
+        wait_lsn_timeout: float = DEFAULT_WAIT_LSN_TIMEOUT,
+        metrics: PageserverMetrics | None = None,
+    ) -> None:
         if wait_lsn_timeout <= 0:
             raise ValueError(f"wait_lsn_timeout must be positive, not {wait_lsn_timeout}")
         self.lookup = lookup
         self.wait_lsn_timeout = wait_lsn_timeout
+        self.metrics = metrics
 
     def __call__(self, session: Session) -> PageServiceConnection:
         return PageServiceConnection(self, session)
@@ -232,7 +240,11 @@ class PageServiceConnection:
         try:
             lsn = await self._read_lsn(tl, req.latest, req.lsn)
             if isinstance(req, ps.GetPageRequest):
-                return ps.GetPageResponse(await tl.get_rel_page_at_lsn(req.rel, req.blkno, lsn, req.latest))
+                page = await tl.get_rel_page_at_lsn(req.rel, req.blkno, lsn, req.latest)
+                metrics = self.service.metrics
+                if metrics is not None:
+                    metrics.getpage_seconds.observe(time.monotonic() - started)
+                return ps.GetPageResponse(page)
             if isinstance(req, ps.NblocksRequest):
                 return ps.NblocksResponse(tl.get_rel_size(req.rel, lsn, req.latest))
             if isinstance(req, ps.ExistsRequest):
@@ -244,6 +256,8 @@ class PageServiceConnection:
             # Neon answers every request error this way, bugs included: the compute turns the
             # message into an ERROR of the backend that asked, and the other backends go on.
             message = str(e) or type(e).__name__
+            if self.service.metrics is not None:
+                self.service.metrics.pagestream_errors.inc()
             self.log.error(
                 "error reading relation or page version",
                 request=ps.request_name(req),

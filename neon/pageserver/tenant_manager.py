@@ -28,6 +28,7 @@ from neon.walredo.launcher import PostgresRedoLauncher, scratch_parent
 from neon.walredo.manager import WalRedoManager
 
 from .config import TENANTS_DIR, PageServerConf
+from .metrics import PageserverMetrics
 from .page_cache import MaterializedPageCache
 from .tenant import Tenant, TenantError
 from .tenant_config import TenantConfOverrides
@@ -136,8 +137,11 @@ class TenantManager:
         walredo_factory: WalRedoFactory | None = None,
         pg_distrib: PgDistrib | None = None,
         pg_user: PostgresUser | None = None,
+        metrics: PageserverMetrics | None = None,
     ) -> None:
         self.conf = conf
+        self.metrics = metrics or PageserverMetrics()
+        self.metrics.attach(self)
         self.workdir = Path(workdir).absolute()
         self.tenants_dir = self.workdir / TENANTS_DIR
         self.page_cache = MaterializedPageCache(conf.page_cache_size)
@@ -164,7 +168,9 @@ class TenantManager:
         if self._pg_user is not None:
             kwargs["user"] = self._pg_user
         launcher = PostgresRedoLauncher(scratch, **kwargs)
-        return WalRedoManager(str(tenant_id), launcher, timeout=self.conf.wal_redo_timeout.total_seconds())
+        return WalRedoManager(
+            str(tenant_id), launcher, timeout=self.conf.wal_redo_timeout.total_seconds(), metrics=self.metrics.walredo
+        )
 
     def _tenant_kwargs(self, tenant_id: TenantId) -> dict[str, Any]:
         initdb_scratch = self._initdb_root / str(tenant_id)

@@ -204,6 +204,11 @@ def _active_timeline(request: web.Request) -> Timeline:
     return tl
 
 
+async def metrics(request: web.Request) -> web.Response:
+    body = _mgr(request).metrics.render()
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
 async def status(request: web.Request) -> web.Response:
     return _json({"id": _conf(request).id})
 
@@ -458,6 +463,7 @@ def make_app(manager: TenantManager, conf: PageServerConf) -> web.Application:
     app[CONF_KEY] = conf
     r = app.router
     r.add_get("/v1/status", status)
+    r.add_get("/metrics", metrics)
     r.add_get("/v1/tenant", tenant_list)
     r.add_post("/v1/tenant", tenant_create)
     r.add_put("/v1/tenant/config", tenant_config_put)
