@@ -4,9 +4,9 @@ A source is anything that speaks physical replication: at this stage the compute
 PG15 primary), later a safekeeper chosen through the broker, behind the same `WalSource`. The
 receiver connects with `replication=true`, checks the system identifier, asks for WAL from the
 timeline's `last_record_lsn`, decodes and ingests it as it arrives, and reports its positions with
-standard `'r'` status updates (write = received, flush = durable in layer files, apply =
-ingested). A lost connection is retried with exponential backoff; ingest always resumes at
-`last_record_lsn`, so nothing is skipped or applied twice.
+standard `'r'` status updates (write = received, flush = apply = ingested). A lost connection
+is retried with exponential backoff; ingest always resumes at `last_record_lsn`, so nothing is
+skipped or applied twice.
 """
 
 from __future__ import annotations
@@ -212,7 +212,11 @@ class WalReceiver:
                 self.status.server_wal_end = stream.server_wal_end
                 now = time.monotonic()
                 if reply or now - last_status >= self.status_interval:
-                    await stream.send_status(received, tl.disk_consistent_lsn, tl.last_record_lsn)
+                    # flush = ingested, not durable in layer files: a stock primary's walsender waits
+                    # at shutdown until flush reaches what it sent, and layers may be flushed minutes
+                    # later (checkpoint_timeout). The primary keeps its WAL itself; the durable
+                    # position is disk_consistent_lsn in the pageserver's API and metrics.
+                    await stream.send_status(received, tl.last_record_lsn, tl.last_record_lsn)
                     last_status = now
         finally:
             with contextlib.suppress(Exception):

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,6 +115,15 @@ class PostgresUser:
         if self.is_self:
             return {}
         return {"user": self.uid, "group": self.gid, "extra_groups": []}
+
+    def exec_argv(self, argv: Sequence[str]) -> list[str]:
+        """`argv` run as this user by `setpriv`, for process creation that takes no user/group
+        arguments (uvloop's subprocess_exec refuses them). setpriv execs the command, so the pid is
+        the command's own."""
+        if self.is_self:
+            return list(argv)
+        setpriv = shutil.which("setpriv") or "/usr/bin/setpriv"
+        return [setpriv, f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups", "--", *argv]
 
     def own(self, path: str | os.PathLike[str], mode: int | None = None) -> None:
         """Give `path` to this user (no-op when it is ourselves)."""

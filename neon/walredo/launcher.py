@@ -195,4 +195,6 @@ class PostgresRedoLauncher:
             self.distrib, self.scratch_dir, extension=extension, shared_buffers=self.shared_buffers, gucs=gucs
         )
         env = {"LD_LIBRARY_PATH": str(self.distrib.lib_dir.resolve()), "LC_ALL": "C"}
-        return await WalRedoProcess.launch(argv, env=env, log=log, cwd="/", popen_kwargs=self.user.popen_kwargs())
+        # Switch users with setpriv rather than the user/group arguments of process creation: the
+        # daemon runs on uvloop, whose subprocess_exec does not take them.
+        return await WalRedoProcess.launch(self.user.exec_argv(argv), env=env, log=log, cwd="/")
