@@ -26,6 +26,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from neon.utils.crashsafe import durable_write
+from neon.utils.toml_write import toml_key, toml_string
 
 from .humantime import format_duration
 from .tenant_config import Duration, TenantConf, TenantConfError, TenantConfOverrides
@@ -313,27 +314,6 @@ def load_config(workdir: str | os.PathLike[str], overrides: list[str] | None = N
 
 
 # --- writing and --init ----------------------------------------------------------------------
-def _toml_string(s: str) -> str:
-    out = ['"']
-    for ch in s:
-        if ch in '"\\':
-            out.append("\\" + ch)
-        elif ch == "\n":
-            out.append("\\n")
-        elif ch == "\t":
-            out.append("\\t")
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            out.append(f"\\u{ord(ch):04X}")
-        else:
-            out.append(ch)
-    out.append('"')
-    return "".join(out)
-
-
-def _toml_key(k: str) -> str:
-    return k if k and all(c.isalnum() or c in "_-" for c in k) else _toml_string(k)
-
-
 def _toml_value(value: Any, key: str) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -344,11 +324,11 @@ def _toml_value(value: Any, key: str) -> str:
     if isinstance(value, float) and math.isfinite(value):
         return repr(value)
     if isinstance(value, str):
-        return _toml_string(value)
+        return toml_string(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v, key) for v in value) + "]"
     if isinstance(value, Mapping):
-        items = ", ".join(f"{_toml_key(k)} = {_toml_value(v, f'{key}.{k}')}" for k, v in value.items())
+        items = ", ".join(f"{toml_key(k)} = {_toml_value(v, f'{key}.{k}')}" for k, v in value.items())
         return "{ " + items + " }" if items else "{}"
     raise PageServerConfError(f"{key}: cannot write a {type(value).__name__} as TOML")
 
@@ -365,7 +345,7 @@ def render_config(conf: PageServerConf) -> str:
             lines.append(f"{key} = {_toml_value(value, key)}\n")
     for key, table in tables:
         lines.append(f"\n[{key}]\n")
-        lines.extend(f"{_toml_key(k)} = {_toml_value(v, f'{key}.{k}')}\n" for k, v in table.items())
+        lines.extend(f"{toml_key(k)} = {_toml_value(v, f'{key}.{k}')}\n" for k, v in table.items())
     return "".join(lines)
 
 

@@ -38,6 +38,7 @@ from pydantic import (
 
 from neon.pageserver.humantime import DurationParseError, format_duration, parse_duration
 from neon.utils.crashsafe import durable_write
+from neon.utils.toml_write import toml_string
 
 __all__ = [
     "TENANT_CONFIG_FILE_NAME",
@@ -219,25 +220,6 @@ def tenant_config_path(tenant_dir: str | os.PathLike[str]) -> Path:
     return Path(tenant_dir) / TENANT_CONFIG_FILE_NAME
 
 
-def _toml_string(s: str) -> str:
-    out = ['"']
-    for ch in s:
-        if ch == '"':
-            out.append('\\"')
-        elif ch == "\\":
-            out.append("\\\\")
-        elif ch == "\n":
-            out.append("\\n")
-        elif ch == "\t":
-            out.append("\\t")
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            out.append(f"\\u{ord(ch):04X}")
-        else:
-            out.append(ch)
-    out.append('"')
-    return "".join(out)
-
-
 def _toml_value(value: Any, key: str) -> str:
     # Only the value kinds that occur in tenant configs: bool, int, str, and flat inline tables.
     if isinstance(value, bool):
@@ -250,7 +232,7 @@ def _toml_value(value: Any, key: str) -> str:
     if isinstance(value, float) and math.isfinite(value):
         return repr(value)
     if isinstance(value, str):
-        return _toml_string(value)
+        return toml_string(value)
     if isinstance(value, Mapping):
         items = ", ".join(f"{k} = {_toml_value(v, f'{key}.{k}')}" for k, v in value.items())
         return "{ " + items + " }" if items else "{}"
