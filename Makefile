@@ -19,6 +19,7 @@ bench: setup
 	$(PY) benchmarks/walredo.py
 	$(PY) benchmarks/ingest.py
 	$(PY) benchmarks/getpage_local.py
+	$(PY) benchmarks/pagestream.py
 
 clean:
 	rm -rf $(VENV) pg_install build native/_build

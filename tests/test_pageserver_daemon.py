@@ -117,6 +117,11 @@ async def test_daemon_lifecycle(daemon: Daemon) -> None:
     )
     assert status == 201, info
     assert isinstance(info, dict) and info["timeline_id"] == "11" * 16
+    # No commit after the import yet: no timestamp to find; a bad timestamp is a 400.
+    by_ts = f"/v1/tenant/{tenant_id}/timeline/{'11' * 16}/get_lsn_by_timestamp?timestamp="
+    assert await asyncio.to_thread(daemon.http, "GET", by_ts + "2030-01-01T00:00:00Z") == (200, "nodata")
+    status, err = await asyncio.to_thread(daemon.http, "GET", by_ts + "yesterday")
+    assert status == 400 and "Invalid timestamp" in err["msg"]  # type: ignore[index]
     # The page service answers on its port.
     conn = await connect("127.0.0.1", daemon.pg_port, "cloud_admin")
     rows = await conn.query(f"get_last_record_rlsn {tenant_id} {'11' * 16}")

@@ -318,3 +318,29 @@ async def test_oracle_with_compressed_full_page_images(env: Env, compressed_fpi_
     await env.ingest(tl)
     assert await env.mismatches(tl, env.run.snap_a) == []
     assert await env.mismatches(tl, env.run.snap_b) == []
+
+
+async def test_lsn_by_commit_timestamp(env: Env) -> None:
+    from neon.postgres.records import xact as xact_rec
+
+    env.create_tenant()
+    tl = await env.import_initdb()
+    await env.ingest(tl)
+    commits: list[tuple[int, int]] = []  # (end LSN, commit timestamp)
+    with contextlib.suppress(WalDecodeError):
+        for start, end, raw in read_wal_files(env.run.wal_files):
+            rec = decode_record(raw, start)
+            # Only commits after the import: initdb's own WAL lies below the timeline's start.
+            if rec.rmid == 1 and rec.info & 0x70 == xact_rec.XLOG_XACT_COMMIT and end > tl.initdb_lsn:
+                commits.append((end, xact_rec.XactCommitAbort.unpack(rec.info, rec.main_data).xact_time))
+    assert len(commits) > 100
+    gc, last = tl.latest_gc_cutoff_lsn, tl.last_record_lsn
+    end, ts = commits[len(commits) // 2]
+    kind, lsn = await tl.find_lsn_for_timestamp(ts, gc, last)
+    assert kind == "present"
+    # The answer is where the first commit at or after `ts` is not yet visible, one step before it is.
+    assert await tl.is_latest_commit_timestamp_ge_than(ts, lsn + 8, [False, False])
+    assert not await tl.is_latest_commit_timestamp_ge_than(ts, lsn, [False, False])
+    assert lsn + 8 <= end
+    assert await tl.find_lsn_for_timestamp(max(t for _, t in commits) + 1, gc, last) == ("future", last)
+    assert await tl.find_lsn_for_timestamp(0, gc, last) == ("past", gc)

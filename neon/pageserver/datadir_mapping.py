@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from .timeline import Timeline
 
 ZERO_PAGE = bytes(BLCKSZ)
+CLOG_TRAILER_SIZE = 8  # the commit timestamp Neon's ClogSetCommitted keeps after a CLOG page
 _DBDIR_KEY = K.dbdir_key().to_bytes()
 _TWOPHASEDIR_KEY = K.twophase_dir_key().to_bytes()
 _CONTROLFILE_KEY = K.controlfile_key().to_bytes()
@@ -144,6 +145,43 @@ class DatadirMapping:
 
     async def get_slru_page_at_lsn(self, kind: SlruKind, segno: int, blkno: int, lsn: int) -> bytes:
         return await self.get(_slru_block_key(kind, segno, blkno), lsn)
+
+    # --- LSN by commit timestamp (spec §5.10, Neon's find_lsn_for_timestamp) ---------------------
+    async def is_latest_commit_timestamp_ge_than(self, ts: int, probe_lsn: int, seen: list[bool]) -> bool:
+        """Whether some CLOG page at `probe_lsn` carries a commit timestamp ≥ `ts` (µs since 2000).
+
+        `seen` is [found smaller, found larger], updated as Neon does: pages are scanned from the
+        newest segment and page down, and the scan stops at the first timestamp ≥ `ts`."""
+        for segno in sorted(self.list_slru_segments(SlruKind.CLOG, probe_lsn), reverse=True):
+            for blk in range(self.get_slru_segment_size(SlruKind.CLOG, segno, probe_lsn) - 1, -1, -1):
+                page = await self.get_slru_page_at_lsn(SlruKind.CLOG, segno, blk, probe_lsn)
+                if len(page) != BLCKSZ + CLOG_TRAILER_SIZE:
+                    continue
+                if int.from_bytes(page[BLCKSZ:], "big", signed=True) >= ts:
+                    seen[1] = True
+                    return True
+                seen[0] = True
+        return False
+
+    async def find_lsn_for_timestamp(self, ts: int, gc_cutoff: int, last: int) -> tuple[str, int]:
+        """("present", lsn): the last LSN before the first commit at or after `ts`; ("future", last)
+        when every commit is older; ("past", gc_cutoff) when every commit is newer; ("nodata", 0)."""
+        low, high = gc_cutoff // 8, last // 8 + 1
+        seen = [False, False]
+        while low < high:
+            mid = (low + high) // 2
+            if await self.is_latest_commit_timestamp_ge_than(ts, mid * 8, seen):
+                high = mid
+            else:
+                low = mid + 1
+        smaller, larger = seen
+        if smaller and larger:
+            return "present", (low - 1) * 8
+        if smaller:
+            return "future", last
+        if larger:
+            return "past", gc_cutoff
+        return "nodata", 0
 
     # --- other files ---------------------------------------------------------------------------
     def list_twophase_files(self, lsn: int) -> set[int]:

@@ -455,6 +455,26 @@ async def timeline_wal_source_get(request: web.Request) -> web.Response:
     )
 
 
+_PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+async def timeline_lsn_by_timestamp(request: web.Request) -> web.Response:
+    tl = _active_timeline(request)
+    text = request.query.get("timestamp")
+    if text is None:
+        raise ApiError(400, "Missing query parameter 'timestamp'")
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError as e:
+        raise ApiError(400, f"Invalid timestamp {text!r}: {e}") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    delta = when - _PG_EPOCH
+    ts = (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
+    kind, lsn = await tl.find_lsn_for_timestamp(ts, tl.latest_gc_cutoff_lsn, tl.last_record_lsn)
+    return _json(str(Lsn(lsn)) if kind == "present" else kind)
+
+
 def make_app(manager: TenantManager, conf: PageServerConf) -> web.Application:
     """The management API over `manager`. Refuses settings this implementation cannot honour."""
     conf.refuse_unsupported()
@@ -484,5 +504,6 @@ def make_app(manager: TenantManager, conf: PageServerConf) -> web.Application:
     r.add_put(tl + "/compact", timeline_compact)
     r.add_get(tl + "/layer", timeline_layers)
     r.add_put(tl + "/wal_source", timeline_wal_source_put)
+    r.add_get(tl + "/get_lsn_by_timestamp", timeline_lsn_by_timestamp)
     r.add_get(tl + "/wal_source", timeline_wal_source_get)
     return app
