@@ -117,6 +117,13 @@ async def test_daemon_lifecycle(daemon: Daemon) -> None:
     )
     assert status == 201, info
     assert isinstance(info, dict) and info["timeline_id"] == "11" * 16
+    # The OpenAPI document lists the daemon's own routes with their models.
+    status, doc = await asyncio.to_thread(daemon.http, "GET", "/v1/doc")
+    assert status == 200 and isinstance(doc, dict) and doc["openapi"].startswith("3.")
+    create = doc["paths"]["/v1/tenant/{tenant_id}/timeline"]["post"]
+    assert create["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("TimelineCreateRequest")
+    assert "last_record_lsn" in doc["components"]["schemas"]["TimelineInfo"]["properties"]
+    assert "/v1/tenant/{tenant_id}/timeline/{timeline_id}/wal_source" in doc["paths"]
     # No commit after the import yet: no timestamp to find; a bad timestamp is a 400.
     by_ts = f"/v1/tenant/{tenant_id}/timeline/{'11' * 16}/get_lsn_by_timestamp?timestamp="
     assert await asyncio.to_thread(daemon.http, "GET", by_ts + "2030-01-01T00:00:00Z") == (200, "nodata")

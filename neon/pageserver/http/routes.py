@@ -39,6 +39,7 @@ from neon.utils.id import TenantId, TimelineId
 from neon.utils.lsn import Lsn
 
 from .models import LayerMapInfo, TenantInfo, TimelineCreateRequest, TimelineInfo
+from .openapi import openapi_handler
 
 __all__ = ["ApiError", "make_app"]
 
@@ -505,5 +506,7 @@ def make_app(manager: TenantManager, conf: PageServerConf) -> web.Application:
     r.add_get(tl + "/layer", timeline_layers)
     r.add_put(tl + "/wal_source", timeline_wal_source_put)
     r.add_get(tl + "/get_lsn_by_timestamp", timeline_lsn_by_timestamp)
+    r.add_get("/v1/doc", openapi_handler)
+    r.add_get("/swagger.yml", openapi_handler)
     r.add_get(tl + "/wal_source", timeline_wal_source_get)
     return app
