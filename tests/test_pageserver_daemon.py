@@ -124,6 +124,8 @@ async def test_daemon_lifecycle(daemon: Daemon) -> None:
     assert create["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("TimelineCreateRequest")
     assert "last_record_lsn" in doc["components"]["schemas"]["TimelineInfo"]["properties"]
     assert "/v1/tenant/{tenant_id}/timeline/{timeline_id}/wal_source" in doc["paths"]
+    status, gc = await asyncio.to_thread(daemon.http, "PUT", f"/v1/tenant/{tenant_id}/timeline/{'11' * 16}/do_gc", {})
+    assert status == 200 and isinstance(gc, dict) and set(gc) >= {"layers_total", "layers_removed", "elapsed"}
     # No commit after the import yet: no timestamp to find; a bad timestamp is a 400.
     by_ts = f"/v1/tenant/{tenant_id}/timeline/{'11' * 16}/get_lsn_by_timestamp?timestamp="
     assert await asyncio.to_thread(daemon.http, "GET", by_ts + "2030-01-01T00:00:00Z") == (200, "nodata")

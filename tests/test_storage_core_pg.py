@@ -344,3 +344,39 @@ async def test_lsn_by_commit_timestamp(env: Env) -> None:
     assert lsn + 8 <= end
     assert await tl.find_lsn_for_timestamp(max(t for _, t in commits) + 1, gc, last) == ("future", last)
     assert await tl.find_lsn_for_timestamp(0, gc, last) == ("past", gc)
+
+
+async def test_gc_removes_superseded_layers_and_keeps_what_reads_need(env: Env) -> None:
+    from neon.pageserver.gc import gc_iteration
+
+    tenant = env.create_tenant(TenantConfOverrides(checkpoint_distance=256 * 1024, pitr_interval="0s"))
+    main = await env.import_initdb()
+    await env.ingest(main, stop_after=env.run.snap_a.lsn - 1)
+    branch = await tenant.branch_timeline(TimelineId.generate(), main.timeline_id)
+    await env.ingest(main)
+    await main.freeze_and_flush()
+    await tenant.wait_for_background_work()
+    horizon = 1024 * 1024
+    # While the branch exists, every layer that reaches down to its branch point stays.
+    kept = await gc_iteration(tenant, main, gc_horizon=horizon)
+    assert kept.layers_needed_by_branches > 0, kept
+    cutoff = main.latest_gc_cutoff_lsn
+    assert env.run.snap_a.lsn < cutoff <= main.disk_consistent_lsn - horizon
+    assert await env.mismatches(branch, env.run.snap_a) == []
+    with pytest.raises(BranchLsnError, match="GC cutoff"):
+        await tenant.branch_timeline(TimelineId.generate(), main.timeline_id, cutoff - 8)
+    # Without it, layers below the cutoff that newer image layers supersede go (GC acts only when
+    # the cutoff moves, as in Neon: here a smaller horizon moves it).
+    await tenant.delete_timeline(branch.timeline_id)
+    before = {str(h) for h in main.layers.historic}
+    horizon //= 2
+    result = await gc_iteration(tenant, main, gc_horizon=horizon)
+    assert result.layers_removed > 0 and result.layers_needed_by_branches == 0, result
+    after = {str(h) for h in main.layers.historic}
+    assert after < before and {p.name for p in main.path.iterdir()} - {"metadata"} == after
+    assert await env.mismatches(main, env.run.snap_b) == []  # reads at or above the cutoff: as before
+    assert (await gc_iteration(tenant, main, gc_horizon=horizon)).layers_removed == 0
+    await tenant.shutdown()
+    reloaded = env.reload_tenant().get_timeline(main.timeline_id)
+    assert reloaded.latest_gc_cutoff_lsn == main.latest_gc_cutoff_lsn
+    assert {str(h) for h in reloaded.layers.historic} == after

@@ -25,6 +25,7 @@ from neon.utils.lsn import Lsn
 from neon.walredo.manager import WalRedoManager
 
 from .compaction import CompactionCancelled, compact
+from .gc import gc_iteration
 from .import_datadir import WalImporter, check_bootstrap_datadir, import_datadir, wal_segment_files
 from .metadata import TimelineMetadata, load_metadata
 from .page_cache import MaterializedPageCache
@@ -248,7 +249,11 @@ class Tenant:
         more WAL arrives (ingest checks it only as records come in)."""
         loop = asyncio.get_running_loop()
         if not self._loops:
-            self._loops = [loop.create_task(self._compaction_loop()), loop.create_task(self._checkpoint_timer())]
+            self._loops = [
+                loop.create_task(self._compaction_loop()),
+                loop.create_task(self._checkpoint_timer()),
+                loop.create_task(self._gc_loop()),
+            ]
             for tl in self.timelines.values():
                 source = self.wal_source(tl.timeline_id)
                 if source is not None and tl.timeline_id not in self.wal_receivers:
@@ -301,6 +306,19 @@ class Tenant:
             except Exception as e:
                 self.compaction_errors += 1
                 self.log.error("compaction iteration failed", error=str(e))
+
+    async def _gc_loop(self) -> None:
+        while self.state != "Stopping":
+            conf = self.conf()
+            period = conf.gc_period.total_seconds()
+            if period <= 0 or conf.gc_horizon == 0:
+                await asyncio.sleep(1)  # disabled: look at the config again later
+                continue
+            await asyncio.sleep(period)
+            try:
+                await gc_iteration(self)
+            except Exception as e:
+                self.log.error("gc iteration failed", error=str(e))
 
     async def _checkpoint_timer(self) -> None:
         while self.state != "Stopping":

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from neon.pageserver.compaction import compact
 from neon.pageserver.config import PageServerConf
+from neon.pageserver.gc import gc_iteration
 from neon.pageserver.tenant import BranchLsnError, Tenant, TenantError, TimelineExists, TimelineNotFound
 from neon.pageserver.tenant_config import TenantConfError, TenantConfOverrides
 from neon.pageserver.tenant_manager import (
@@ -407,6 +408,17 @@ async def timeline_checkpoint(request: web.Request) -> web.Response:
     return _json(None)
 
 
+async def timeline_do_gc(request: web.Request) -> web.Response:
+    tenant = _active_tenant(request)
+    tl = _active_timeline(request)
+    body = await _json_body(request, allow_empty=True)
+    horizon = body.get("gc_horizon") if isinstance(body, dict) else None
+    if horizon is not None and (not isinstance(horizon, int) or isinstance(horizon, bool) or horizon < 0):
+        raise ApiError(400, "Failed to parse json request: gc_horizon must be a non-negative integer or null")
+    result = await gc_iteration(tenant, tl, horizon)
+    return _json(result.to_json())
+
+
 async def timeline_compact(request: web.Request) -> web.Response:
     tl = _active_timeline(request)
     await compact(tl)
@@ -503,6 +515,7 @@ def make_app(manager: TenantManager, conf: PageServerConf) -> web.Application:
     r.add_delete(tl, timeline_delete)
     r.add_put(tl + "/checkpoint", timeline_checkpoint)
     r.add_put(tl + "/compact", timeline_compact)
+    r.add_put(tl + "/do_gc", timeline_do_gc)
     r.add_get(tl + "/layer", timeline_layers)
     r.add_put(tl + "/wal_source", timeline_wal_source_put)
     r.add_get(tl + "/get_lsn_by_timestamp", timeline_lsn_by_timestamp)
