@@ -4,6 +4,7 @@ ports, one daemon per workdir, SIGTERM flushes and exits 0, a restart serves the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import socket
@@ -158,3 +159,58 @@ def test_bad_config_is_a_clear_error(daemon: Daemon) -> None:
     assert daemon.init().returncode == 0
     bad = subprocess.run(daemon.cmd("-c", "no_such_option=1"), capture_output=True, text=True, timeout=TIMEOUT)
     assert bad.returncode == 2 and "no_such_option" in bad.stderr
+
+
+async def test_daemon_survives_garbage(daemon: Daemon) -> None:
+    """Random HTTP requests and raw libpq garbage: a clear error each, the daemon keeps serving."""
+    import random
+
+    assert daemon.init().returncode == 0
+    daemon.start()
+    await daemon.wait_ready()
+    rng = random.Random(1234)
+    status, tenant_id = await asyncio.to_thread(daemon.http, "POST", "/v1/tenant", {})
+    assert status == 201
+    paths = ["/v1/tenant", f"/v1/tenant/{tenant_id}", f"/v1/tenant/{tenant_id}/timeline", "/v1/tenant/zz", "/v1/x"]
+
+    def http_garbage() -> list[int]:
+        codes = []
+        for _ in range(300):
+            path = rng.choice(paths) + rng.choice(["", "/timeline/" + "ab" * 16, "/" + "%" * rng.randint(1, 3)])
+            body = rng.choice([rng.randbytes(rng.randint(0, 64)), b"{", b'{"new_timeline_id": 5}', b"[]", b"null"])
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{daemon.http_port}{path}", data=body, method=rng.choice(["GET", "POST", "PUT"])
+            )
+            try:
+                with urllib.request.urlopen(req, timeout=TIMEOUT) as resp:
+                    codes.append(resp.status)
+            except urllib.error.HTTPError as e:
+                payload = json.loads(e.read() or b"null")
+                assert e.code in (400, 404, 405, 406, 409, 412, 503) or (e.code == 500 and "msg" in payload), (
+                    path,
+                    e.code,
+                    payload,
+                )
+                codes.append(e.code)
+        return codes
+
+    async def pq_garbage() -> None:
+        for _ in range(200):
+            reader, writer = await asyncio.open_connection("127.0.0.1", daemon.pg_port)
+            writer.write(rng.randbytes(rng.randint(1, 200)))
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+                writer.write_eof()  # a client that sent a fragment and went away
+                await asyncio.wait_for(reader.read(1024), TIMEOUT)  # an error or a close, never a hang
+            writer.close()
+
+    codes, _ = await asyncio.gather(asyncio.to_thread(http_garbage), pq_garbage())
+    assert any(c >= 400 for c in codes)
+    # Still serving: the API and the page service both answer.
+    assert (await asyncio.to_thread(daemon.http, "GET", f"/v1/tenant/{tenant_id}"))[0] == 200
+    conn = await connect("127.0.0.1", daemon.pg_port, "cloud_admin")
+    with pytest.raises(Exception, match=r"not found|unknown"):
+        await conn.query(f"pagestream {tenant_id} {'ab' * 16}")
+    await conn.close()
+    assert daemon.stop() == 0
+    assert "Traceback" not in daemon.log.read_text()
