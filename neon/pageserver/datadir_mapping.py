@@ -211,9 +211,6 @@ class DatadirMapping:
             else:
                 ranges.append((start, end))
 
-        def add_key(k: bytes) -> None:
-            add(k, K.Key.from_bytes(k).next().to_bytes())
-
         items: list[tuple[bytes, bytes]] = []
         items.append(_range1(_DBDIR_KEY))
         for spc, db in self.get_dbdir(lsn):
@@ -240,7 +237,6 @@ class DatadirMapping:
             items.append(_range1(_AUX_FILES_KEY))
         for start, end in sorted(items):
             add(start, end)
-        del add_key
         return ranges
 
     def calculate_logical_size(self, lsn: int) -> int:
@@ -297,9 +293,6 @@ class DatadirModification:
         if key in self.pending_records:
             raise RelationError(f"cannot read key {key.hex()} with a pending WAL record in the same modification")
         return self.tline.try_get_image(key, max(self.tline.last_record_lsn, self.lsn))
-
-    def _read_lsn(self) -> int:
-        return max(self.tline.last_record_lsn, self.lsn)
 
     # --- directories ---------------------------------------------------------------------------
     def init_empty(self) -> None:
@@ -516,9 +509,7 @@ class DatadirModification:
         pending = self.pending
         if pending:
             lsn = self.lsn
-            if lsn % 8 or lsn <= tline.last_record_lsn:
-                tline.put_values(lsn, [])  # raises the error
-            put = tline.layers.open_layer_for_write(lsn).put
+            put = tline.layer_for_write(lsn).put
             for k, (init, v) in pending.items():
                 put(k, lsn, init, v)
             self.pending = {}

@@ -207,7 +207,7 @@ class Tenant:
             walredo=self.walredo,
             page_cache=self.page_cache,
         )
-        tl._compaction = self._after_flush
+        tl.on_flush = self._after_flush
         return tl
 
     def _after_flush(self, tl: Timeline) -> None:

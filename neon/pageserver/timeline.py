@@ -16,7 +16,7 @@ import itertools
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,6 +29,7 @@ from neon.walredo.manager import WalRedoManager
 from neon.walredo.records import RedoTarget, WalRecord, will_init
 
 from .datadir_mapping import DatadirMapping
+from .inmemory_layer import InMemoryLayer
 from .key import REL_NAMESPACE, SLRU_NAMESPACE, Key
 from .layer_map import HistoricLayer, LayerMap
 from .layers import LayerError, is_temp_file_name, try_parse_layer_file_name
@@ -103,7 +104,7 @@ class Timeline(DatadirMapping):
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._waiter_seq = 0
         self._flush_task: asyncio.Task[None] | None = None
-        self._compaction: Callable[[Timeline], asyncio.Future[None] | None] | None = None
+        self.on_flush: Callable[[Timeline], None] | None = None  # the tenant's hook: compaction
         self.layer_removal_lock = asyncio.Lock()
         self.cancelled = threading.Event()  # set at shutdown; background work stops at its next check
         self.layer_flush_errors = 0
@@ -175,16 +176,13 @@ class Timeline(DatadirMapping):
             ) from None
 
     # --- writing -------------------------------------------------------------------------------
-    def put_values(self, lsn: int, values: Iterable[tuple[bytes, bool, bytes]]) -> None:
-        """Write (key, will_init, encoded value) at `lsn` into the open layer (not yet visible)."""
+    def layer_for_write(self, lsn: int) -> InMemoryLayer:
+        """The open layer, for values at `lsn` (not visible until last_record_lsn reaches it)."""
         if lsn % 8 or lsn <= self.last_record_lsn:
             raise TimelineStateError(
                 f"cannot modify relation after advancing last_record_lsn ({Lsn(lsn)} ≤ {Lsn(self.last_record_lsn)})"
             )
-        layer = self.layers.open_layer_for_write(lsn)
-        put = layer.put
-        for key, init, value in values:
-            put(key, lsn, init, value)
+        return self.layers.open_layer_for_write(lsn)
 
     def current_logical_size(self) -> int:
         """Bytes of all relations at last_record_lsn: kept up to date by ingest once known, computed
@@ -243,8 +241,8 @@ class Timeline(DatadirMapping):
             raise
         finally:
             self._flush_task = None
-        if self._compaction is not None:
-            self._compaction(self)
+        if self.on_flush is not None:
+            self.on_flush(self)
 
     async def _flush_one(self, frozen) -> None:  # type: ignore[no-untyped-def]
         loop = asyncio.get_running_loop()

@@ -190,7 +190,7 @@ class WalIngest:
         count = len(batch)
         while i < count:
             if fast is not None and batch[i][1] > tl.last_record_lsn:
-                layer = tl.layers.open_layer_for_write(batch[i][1])
+                layer = tl.layer_for_write(batch[i][1])
                 done, value_bytes, n_values, last_end, prev_end = fast(
                     batch, i, layer.bulk_index(), tl.rel_size_cache, self._last_xid, tl.last_record_lsn
                 )
