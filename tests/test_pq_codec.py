@@ -492,6 +492,80 @@ def test_simple_query_and_copy_phases() -> None:
     assert server.state is State.CLOSED and client.state is State.CLOSED
 
 
+def _copy_both_pair() -> tuple[ServerConnection, ClientConnection]:
+    server, client = _ready_pair()
+    _exchange(client, server, m.Query("pagestream"))
+    _exchange(server, client, m.CopyBothResponse())
+    return server, client
+
+
+def _drain_fast(conn: ServerConnection | ClientConnection) -> tuple[list[bytes], object]:
+    """CopyData payloads taken by the fast lane, then what stopped it (NEED_DATA or None)."""
+    out = []
+    while True:
+        got = conn.next_copy_data()
+        if not isinstance(got, bytes):
+            return out, got
+        out.append(got)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.binary(max_size=300), max_size=12), st.lists(st.integers(1, 64), min_size=1, max_size=8))
+def test_copy_data_fast_lane_matches_the_full_path(payloads: list[bytes], cuts: list[int]) -> None:
+    """In chunks of any size, both directions: the fast lane yields exactly what next_event
+    yields, stops at partial frames with NEED_DATA, and leaves CopyDone to the full path."""
+    for direction in ("to_server", "to_client"):
+        server, client = _copy_both_pair()
+        sender, receiver = (client, server) if direction == "to_server" else (server, client)
+        wire = b"".join(sender.send(m.CopyData(x)) for x in payloads) + sender.send(m.CopyDone())
+        got: list[bytes] = []
+        pos = 0
+        i = 0
+        while pos < len(wire):
+            n = cuts[i % len(cuts)]
+            i += 1
+            receiver.receive_data(wire[pos : pos + n])
+            pos += n
+            taken, stop = _drain_fast(receiver)
+            got += taken
+            if stop is None:
+                break  # CopyDone is next: the full path's business
+            assert stop is NEED_DATA
+        rest = wire[pos:]
+        if rest:
+            receiver.receive_data(rest)
+        taken, _ = _drain_fast(receiver)
+        got += taken
+        assert got == payloads
+        assert receiver.next_copy_data() is None
+        assert receiver.next_event() == m.CopyDone()
+    server, client = _copy_both_pair()
+    for x in payloads:
+        assert server.copy_data_header(len(x)) + x == m.CopyData(x).encode()
+        assert client.copy_data_header(len(x)) + x == m.CopyData(x).encode()
+
+
+def test_copy_data_fast_lane_refuses_what_the_full_path_must_judge() -> None:
+    server, client = _copy_both_pair()
+    # An oversized length goes to next_event, which reports it.
+    server.max_message_size = 100
+    server.receive_data(b"d" + (4 + 500).to_bytes(4, "big"))
+    assert server.next_copy_data() is None
+    with pytest.raises(ProtocolViolation, match="exceeds the limit"):
+        server.next_event()
+    # Outside COPY (idle) the fast lane takes nothing; after the peer's CopyDone neither.
+    server, client = _ready_pair()
+    server.receive_data(m.CopyData(b"x").encode())
+    assert server.next_copy_data() is None
+    with pytest.raises(LocalProtocolError, match="cannot send CopyData"):
+        server.copy_data_header(1)
+    server, client = _copy_both_pair()
+    _exchange(server, client, m.CopyDone())
+    assert client.next_copy_data() is None
+    with pytest.raises(LocalProtocolError):
+        server.copy_data_header(1)
+
+
 def test_server_discards_copy_leftovers_and_extended_after_error() -> None:
     server = _ready_server()
     # CopyData arriving while idle belongs to a COPY that already failed: dropped silently.

@@ -134,16 +134,18 @@ class PgConnection:
         self._writer.write(b"".join(self.codec.send(m) for m in messages))
         await self._writer.drain()
 
+    async def _read_chunk(self) -> bytes:
+        try:
+            return await self._reader.read(65536)
+        except ConnectionError as e:
+            raise ConnectionLost(f"connection to server lost: {e}") from e
+
     async def _next(self) -> ClientEvent:
         """The next server message; notices and notifications are recorded and skipped."""
         while True:
             ev = self.codec.next_event()
             if isinstance(ev, NeedData):
-                try:
-                    data = await self._reader.read(65536)
-                except ConnectionError as e:
-                    raise ConnectionLost(f"connection to server lost: {e}") from e
-                self.codec.receive_data(data)
+                self.codec.receive_data(await self._read_chunk())
                 continue
             if isinstance(ev, ConnectionClosed):
                 raise ConnectionLost("server closed the connection unexpectedly")
@@ -379,8 +381,18 @@ class CopyStream:
     async def read(self) -> bytes | None:
         if self._server_done or not self.active:
             return None
+        conn = self.conn
+        codec = conn.codec
         while True:
-            ev = await self.conn._next()
+            # Fast lane for CopyData after CopyData (replication, pagestream); anything else below.
+            data = codec.next_copy_data()
+            if data is None:
+                break
+            if not isinstance(data, NeedData):
+                return data
+            codec.receive_data(await conn._read_chunk())
+        while True:
+            ev = await conn._next()
             if isinstance(ev, CopyData):
                 return ev.data
             if isinstance(ev, CopyDone):
@@ -403,7 +415,9 @@ class CopyStream:
         codec = self.conn.codec
         if codec.state not in (State.COPY_IN, State.COPY_BOTH):
             raise LocalProtocolError("the COPY is over (the server may have reported an error)")
-        await self.conn._send(CopyData(bytes(data)))
+        writer = self.conn._writer
+        writer.write(codec.copy_data_header(len(data)) + data)
+        await writer.drain()
 
     async def done(self) -> None:
         """Send CopyDone (our side finished)."""

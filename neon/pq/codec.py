@@ -233,6 +233,47 @@ class _Connection:
         del self._buf[: 1 + length]
         return payload
 
+    # --- CopyData fast lane ----------------------------------------------------------------
+    # A pagestream or replication stream is CopyData after CopyData; these two skip the message
+    # objects and the general dispatch for it, and leave everything else to the full path.
+    def next_copy_data(self) -> bytes | NeedData | None:
+        """The payload of the next buffered CopyData when the peer may send one now.
+
+        `NEED_DATA` when what is buffered (possibly nothing) is only the start of a CopyData and
+        the peer has not closed; None means "use `next_event`": another message is next, the
+        phase allows no CopyData, or the length is out of bounds (the full path reports it)."""
+        buf = self._buf
+        if self._eof or not self._peer_may_send_copy_data():
+            return None
+        n = len(buf)
+        if n == 0:
+            return NEED_DATA
+        if buf[0] != 0x64:
+            return None
+        if n < 5:
+            return NEED_DATA
+        length = int.from_bytes(buf[1:5], "big")
+        if length < 4 or length > self.max_message_size:
+            return None
+        if n < 1 + length:
+            return NEED_DATA
+        with memoryview(buf) as view:
+            payload = bytes(view[5 : 1 + length])
+        del buf[: 1 + length]
+        return payload
+
+    def copy_data_header(self, size: int) -> bytes:
+        """The 5-byte header of a CopyData of `size` bytes we may send now (checked as `send` does)."""
+        if not self._we_may_send_copy_data():
+            raise LocalProtocolError(f"cannot send CopyData in the {self.state.value} phase")
+        return _HDR.pack(b"d", 4 + size)
+
+    def _peer_may_send_copy_data(self) -> bool:
+        raise NotImplementedError
+
+    def _we_may_send_copy_data(self) -> bool:
+        raise NotImplementedError
+
     def _check_failed(self) -> None:
         if self.state is State.ERROR:
             raise ProtocolViolation(self._error or "connection is in the error state")
@@ -482,6 +523,12 @@ class ServerConnection(_Connection):
             self._start_copy(State.COPY_BOTH)
         return msg.encode()
 
+    def _peer_may_send_copy_data(self) -> bool:
+        return (self.state is State.COPY_BOTH or self.state is State.COPY_IN) and not self._client_copy_done
+
+    def _we_may_send_copy_data(self) -> bool:
+        return (self.state is State.COPY_BOTH or self.state is State.COPY_OUT) and not self._server_copy_done
+
     @property
     def copy_client_done(self) -> bool:
         """In copy-both: the client has sent CopyDone."""
@@ -665,6 +712,12 @@ class ClientConnection(_Connection):
             else:
                 self._server_copy_done = True
         return msg
+
+    def _peer_may_send_copy_data(self) -> bool:
+        return (self.state is State.COPY_BOTH or self.state is State.COPY_OUT) and not self._server_copy_done
+
+    def _we_may_send_copy_data(self) -> bool:
+        return (self.state is State.COPY_BOTH or self.state is State.COPY_IN) and not self._client_copy_done
 
     @property
     def copy_client_done(self) -> bool:

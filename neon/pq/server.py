@@ -167,7 +167,12 @@ class CopyOutStream:
         self._s = session
 
     async def write(self, data: bytes) -> None:
-        await self._s.send(CopyData(bytes(data)))
+        s = self._s
+        if s.codec.state is State.CLOSED:
+            raise ClientDisconnected("client disconnected")
+        # Header and payload in one write, without a message object (the pagestream's hot path).
+        s._writer.write(s.codec.copy_data_header(len(data)) + data)
+        await s._writer.drain()
 
     async def done(self) -> None:
         await self._s.send(CopyDone())
@@ -186,7 +191,16 @@ class CopyInStream:
     async def read(self) -> bytes | None:
         if self.finished:
             return None
-        ev = await self._s._next_client_event()
+        s = self._s
+        codec = s.codec
+        while True:
+            data = codec.next_copy_data()
+            if data is None:
+                break
+            if not isinstance(data, NeedData):
+                return data
+            codec.receive_data(await s._read_chunk())
+        ev = await s._next_client_event()
         if isinstance(ev, CopyData):
             return ev.data
         self.finished = True
@@ -288,21 +302,23 @@ class Session:
         return data
 
     async def _next_event(self) -> ServerEvent:
-        idle = self.server.idle_timeout
         while True:
             ev = self.codec.next_event()
             if not isinstance(ev, NeedData):
                 return ev
-            if idle is None:
-                data = await self._reader.read(65536)
-            else:
-                try:
-                    async with asyncio.timeout(idle):
-                        data = await self._reader.read(65536)
-                except TimeoutError:
-                    # Distinct from a handler's own timeouts, which are ordinary query errors.
-                    raise ClientDisconnected(f"no message from the client for {idle} s") from None
-            self.codec.receive_data(data)
+            self.codec.receive_data(await self._read_chunk())
+
+    async def _read_chunk(self) -> bytes:
+        """The next bytes from the socket (b"" at EOF), within the server's idle timeout."""
+        idle = self.server.idle_timeout
+        if idle is None:
+            return await self._reader.read(65536)
+        try:
+            async with asyncio.timeout(idle):
+                return await self._reader.read(65536)
+        except TimeoutError:
+            # Distinct from a handler's own timeouts, which are ordinary query errors.
+            raise ClientDisconnected(f"no message from the client for {idle} s") from None
 
     async def _next_client_event(self) -> ServerEvent:
         """An event while we expect client data (copy-in/both); disconnects raise ClientDisconnected."""
