@@ -113,7 +113,7 @@ async def test_manager_restart_keeps_tenants_timelines_and_lsns(workdir: Path) -
         assert t2.get_timeline(branch.timeline_id).ancestor is t2.get_timeline(main.timeline_id)
         # Reads work on the reloaded timeline (shared page cache, the tenant's redo manager).
         tl = t2.get_timeline(main.timeline_id)
-        assert tl.current_logical_size() > 20 * 1024 * 1024
+        assert await tl.logical_size_now() > 20 * 1024 * 1024
         await mgr2.delete_tenant(empty.tenant_id)
         with pytest.raises(TenantNotFound):
             mgr2.get_tenant(empty.tenant_id)

@@ -518,8 +518,11 @@ class DatadirModification:
             if self.pending_records:
                 self.pending_records = set()
         tline.advance_last_record_lsn(self.lsn)
-        if self.pending_nblocks and tline.logical_size is not None:
-            tline.logical_size += self.pending_nblocks * BLCKSZ
+        if self.pending_nblocks:
+            if tline.logical_size is not None:
+                tline.logical_size += self.pending_nblocks * BLCKSZ
+            else:
+                tline.logical_size_pending_delta += self.pending_nblocks * BLCKSZ
         self.pending_nblocks = 0
 
     def is_empty(self) -> bool:

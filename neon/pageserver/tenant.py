@@ -255,6 +255,7 @@ class Tenant:
                 loop.create_task(self._gc_loop()),
             ]
             for tl in self.timelines.values():
+                tl.start_logical_size_calculation()
                 source = self.wal_source(tl.timeline_id)
                 if source is not None and tl.timeline_id not in self.wal_receivers:
                     self._start_wal_receiver(tl, source)

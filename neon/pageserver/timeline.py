@@ -22,6 +22,7 @@ from pathlib import Path
 
 import structlog
 
+from neon.postgres.constants import BLCKSZ
 from neon.utils.crashsafe import TEMP_SUFFIX
 from neon.utils.id import TenantId, TimelineId
 from neon.utils.lsn import Lsn
@@ -101,6 +102,9 @@ class Timeline(DatadirMapping):
         self.rel_size_cache: dict = {}
         self.reldir_cache: dict = {}  # (spc, db) -> (LSN of its newest version, RelDirectory); ingest only
         self.logical_size: int | None = None  # bytes; None until computed after a load
+        # Growth ingested while the initial size is being calculated (added to it at the end).
+        self.logical_size_pending_delta = 0
+        self._logical_size_task: asyncio.Task[int] | None = None
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._waiter_seq = 0
         self._flush_task: asyncio.Task[None] | None = None
@@ -184,11 +188,60 @@ class Timeline(DatadirMapping):
             )
         return self.layers.open_layer_for_write(lsn)
 
-    def current_logical_size(self) -> int:
-        """Bytes of all relations at last_record_lsn: kept up to date by ingest once known, computed
-        (and from then on maintained) the first time it is asked for after a load or a branch."""
+    def current_logical_size(self) -> int | None:
+        """Bytes of all relations at last_record_lsn, or None while not known yet.
+
+        Ingest keeps the size up to date once known. After a load or a branch it is not known: the
+        first call starts the calculation in the background (on the event loop, yielding between
+        relations, so a large timeline never stalls getpage) and returns None, as Neon reports a
+        size still being calculated."""
         if self.logical_size is None:
-            self.logical_size = self.calculate_logical_size(self.last_record_lsn)
+            self.start_logical_size_calculation()
+        return self.logical_size
+
+    def start_logical_size_calculation(self) -> None:
+        """Start the initial logical size calculation unless it is known or already running."""
+        if self.logical_size is not None or self._logical_size_task is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop (an offline tool): `logical_size_now` computes it when awaited
+        self._logical_size_task = loop.create_task(self._calculate_initial_logical_size())
+
+    async def logical_size_now(self) -> int:
+        """The current logical size, waiting for its initial calculation if needed."""
+        if self.logical_size is not None:
+            return self.logical_size
+        self.start_logical_size_calculation()
+        task = self._logical_size_task
+        if task is None:
+            return await self._calculate_initial_logical_size()
+        return await asyncio.shield(task)
+
+    async def _calculate_initial_logical_size(self) -> int:
+        # Sizes are read at a fixed LSN while ingest goes on; what ingest adds meanwhile is
+        # collected in logical_size_pending_delta (both updated on this thread, so nothing is lost).
+        lsn = self.last_record_lsn
+        self.logical_size_pending_delta = 0
+        total = 0
+        try:
+            n = 0
+            for spc, db in self.get_dbdir(lsn):
+                for tag in self.list_rels(spc, db, lsn):
+                    total += self.get_rel_size(tag, lsn) * BLCKSZ
+                    n += 1
+                    if n % 64 == 0:
+                        await asyncio.sleep(0)
+        except Exception as e:
+            self.log.error("initial logical size calculation failed", lsn=str(Lsn(lsn)), error=str(e))
+            self._logical_size_task = None
+            raise
+        if self.logical_size is None:
+            self.logical_size = total + self.logical_size_pending_delta
+            self.log.info("initial logical size calculated", lsn=str(Lsn(lsn)), size=self.logical_size)
+        self.logical_size_pending_delta = 0
+        self._logical_size_task = None
         return self.logical_size
 
     def open_layer_size(self) -> int:

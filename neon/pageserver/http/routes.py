@@ -10,6 +10,7 @@ testing builds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from collections.abc import Awaitable, Callable
@@ -372,6 +373,10 @@ async def timeline_create(request: web.Request) -> web.Response:
         if pg_version != PG_MAJOR:
             raise ApiError(400, f"pg_version {pg_version} is not supported (only {PG_MAJOR})")
         tl = await tenant.bootstrap_timeline(req.new_timeline_id, pg_version=pg_version)
+    # The answer carries the new timeline's logical size (a bounded calculation that yields);
+    # a failure leaves it null, as in a detail GET, rather than failing a create that happened.
+    with contextlib.suppress(Exception):
+        await tl.logical_size_now()
     return _json(TimelineInfo.from_timeline(tl).model_dump(mode="json"), 201)
 
 
