@@ -1,7 +1,8 @@
 """Compute endpoints against a real `neon-pageserver` process: a stock PG15 primary started from the
 pageserver's basebackup streams its WAL back; a fresh endpoint from a new basebackup sees what the
 first one wrote (and pg_amcheck is clean), branches isolate their writes in both directions, and a
-SIGKILLed pageserver catches up from the compute's retained WAL without losing acknowledged rows."""
+pageserver stopped by SIGTERM or SIGKILL in the middle of a write workload catches up after its
+restart (from disk_consistent_lsn, out of the compute's retained WAL) without losing a committed row."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import signal
 import subprocess
 import tarfile
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -200,35 +201,59 @@ class Writer(threading.Thread):
             self.error = e
 
 
-async def test_pageserver_sigkill_mid_workload(env: Env) -> None:
+async def wait_until(what: str, cond: Callable[[], bool], timeout: float = 60.0) -> None:
+    """Poll `cond` until it holds; fail naming `what` after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        if loop.time() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+async def test_pageserver_stop_mid_workload(env: Env, sig: signal.Signals) -> None:
     tenant = await env.create_tenant()
     await env.create_timeline(tenant, MAIN)
     ep = await env.started("w", tenant, MAIN)
     ep.safe_psql("CREATE TABLE k (i int PRIMARY KEY, pad text)")
     writer = Writer(ep.connstr())
     writer.start()
+
+    def acked_beyond(n: int) -> Callable[[], bool]:
+        return lambda: len(writer.acked) >= n or writer.error is not None
+
     try:
-        await asyncio.sleep(1.5)  # let the workload run while the pageserver ingests
+        # The pageserver ingests while the workload runs...
+        await wait_until("300 committed rows", acked_beyond(300))
+        await ep.wait_caught_up(timeout=60)
         before = Lsn.parse((await ep.timeline_info())["last_record_lsn"])
-        assert env.ps.stop(signal.SIGKILL) == -signal.SIGKILL
+        # ... and is stopped in the middle of it: SIGTERM flushes and exits 0, SIGKILL just dies.
+        assert env.ps.stop(sig) == (0 if sig == signal.SIGTERM else -signal.SIGKILL)
         killed_at = len(writer.acked)
-        await asyncio.sleep(0.5)  # the compute keeps committing with no pageserver
+        # The compute keeps committing with no pageserver (its WAL waits in wal_keep_size).
+        await wait_until("commits while the pageserver is down", acked_beyond(killed_at + 200))
         env.ps.start()
         await env.ps.wait_ready()
-        await asyncio.sleep(1.0)
+        restarted_at = len(writer.acked)
+        await wait_until("commits after the restart", acked_beyond(restarted_at + 200))
     finally:
         writer.halt.set()
         await asyncio.to_thread(writer.join, 30)
     assert writer.error is None, writer.error
-    assert len(writer.acked) > killed_at > 0
     # The persisted wal_source restarted the receiver, which reconnected and caught up.
     await ep.wait_caught_up(timeout=60)
     status, source = await env.http("GET", f"/v1/tenant/{tenant}/timeline/{MAIN}/wal_source")
     assert status == 200 and isinstance(source, dict) and source["connects"] >= 1, source
-    # It resumed below what it had ingested before the kill (the open layer died with the process):
-    # that WAL came again from the compute's wal_keep_size.
     starts = [Lsn.parse(e["start_lsn"]) for e in log_events(env.ps.log) if e.get("event") == "streaming WAL"]
-    assert len(starts) >= 2 and starts[-1] < before, (starts, before)
+    assert len(starts) >= 2, starts
+    if sig == signal.SIGTERM:
+        # The clean shutdown flushed everything ingested: streaming resumes at or after it.
+        assert starts[-1] >= before, (starts, before)
+    else:
+        # The open layer died with the process: streaming resumes below what had been ingested,
+        # at disk_consistent_lsn, and that WAL comes again from the compute.
+        assert starts[-1] < before, (starts, before)
     await ep.stop()
 
     check = await env.started("check", tenant, MAIN)
