@@ -15,8 +15,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-ECHO_REQUEST_SIZE = 27  # the size of an encoded GetPage request
-ECHO_RESPONSE = bytes(range(256)) * 32  # 8 KiB
+ECHO_REQUEST_SIZE = 32  # a GetPage request in its CopyData frame
+ECHO_RESPONSE = (bytes(range(256)) * 33)[: 5 + 1 + 8192]  # a GetPage response in its CopyData frame
 
 
 def _cpu() -> float:

@@ -9,7 +9,8 @@
     checked against the data directory's file), one request in flight per client (request, wait
     for the response, repeat), with 1 client and with C clients (each its own connection, all on
     this process's event loop). Baseline, measured in the same run with the same client pattern: an
-    asyncio TCP server in another child process that answers each 27-byte request with 8 KiB.
+    asyncio TCP server in another child process that answers each 32-byte request (a framed GetPage)
+    with 8198 bytes (a framed GetPage response). Both clients frame by hand and read exactly.
     Printed: requests/s, p50/p99 latency, the ratio of the page service's p50 to the echo p50
     (target: within 3x with one client).
 
@@ -121,23 +122,34 @@ class Child:
 
 # --- clients ---------------------------------------------------------------------------------------------
 class PagestreamClient:
+    """One pagestream connection. The libpq start-up and the `pagestream` command go through
+    `neon.pq.client`; the requests and responses are then framed by hand (CopyData header plus
+    payload, one write, exact reads), as a compute's C code does and as the echo client does, so
+    that the figure is the page service's cost and not our general-purpose Python client's."""
+
     def __init__(self, port: int, ids: str) -> None:
         self.port, self.ids = port, ids
 
     async def open(self) -> PagestreamClient:
         self.conn = await connect(port=self.port)
-        self.stream = await self.conn.copy_both(f"pagestream {self.ids}")
+        await self.conn.copy_both(f"pagestream {self.ids}")
+        self.reader, self.writer = self.conn._reader, self.conn._writer
         return self
 
-    async def get(self, req: bytes) -> bytes:
-        await self.stream.write(req)
-        data = await self.stream.read()
-        if data is None:
-            raise SystemExit("the page service ended the pagestream")
-        resp = ps.decode_response(data)
-        if not isinstance(resp, ps.GetPageResponse):
-            raise SystemExit(f"GetPage failed: {resp!r}")
-        return resp.page
+    @staticmethod
+    def frame(req: bytes) -> bytes:
+        """A request as the CopyData message the client writes."""
+        return b"d" + (4 + len(req)).to_bytes(4, "big") + req
+
+    async def get(self, framed: bytes) -> bytes:
+        self.writer.write(framed)
+        hdr = await self.reader.readexactly(5)
+        if hdr[:1] != b"d":
+            raise SystemExit(f"the page service answered with a {hdr[:1]!r} message instead of CopyData")
+        body = await self.reader.readexactly(int.from_bytes(hdr[1:], "big") - 4)
+        if body[:1] != bytes([ps.TAG_GETPAGE_RESPONSE]):
+            raise SystemExit(f"GetPage failed: {ps.decode_response(body)!r}")
+        return body[1:]
 
     async def close(self) -> None:
         # As a compute does: just disconnect (CopyDone ends a pagestream with an error, as in Neon).
@@ -213,7 +225,9 @@ async def bench_getpage(args: argparse.Namespace, pgdata: Path, db: int, rel: in
         tag = RelTag(DEFAULTTABLESPACE_OID, db, rel, 0)
         n_ws = min(n_blocks, RELSEG_SIZE, args.working_set, info["cache_pages"] * 3 // 4)
         blocks = random.Random(42).sample(range(min(n_blocks, RELSEG_SIZE)), n_ws)
-        reqs = [ps.encode_request(ps.GetPageRequest(True, Lsn(info["lsn"]), tag, b)) for b in blocks]
+        reqs = [
+            PagestreamClient.frame(ps.encode_request(ps.GetPageRequest(True, Lsn(info["lsn"]), tag, b))) for b in blocks
+        ]
 
         # One warm-up pass, checking every page against the data directory's file.
         warm = await PagestreamClient(info["port"], ids).open()
