@@ -57,4 +57,5 @@ fi
 if [ -f native/build.py ]; then
     .venv/bin/python native/build.py
 fi
+.venv/bin/python -m neon.broker.build_proto  # broker gRPC modules; regenerated when proto/broker.proto changes
 log "ready"
