@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,9 @@ def test_root(request: pytest.FixtureRequest) -> Iterator[Path]:
     """A per-test scratch directory the unprivileged Postgres user can use."""
     root = make_test_root(prefix=f"neon-{request.node.name[:40]}-")
     yield root
+    if os.environ.get("NEON_KEEP_TEST_ROOT"):
+        print(f"kept test root {root}")  # for reading the daemons' logs after a failure
+        return
     shutil.rmtree(root, ignore_errors=True)
 
 

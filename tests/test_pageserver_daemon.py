@@ -29,8 +29,9 @@ def free_port() -> int:
 
 
 class Daemon:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, config: dict[str, str] | None = None) -> None:
         self.workdir = workdir
+        self.config = dict(config or {})  # more `-c key=value` for --init (values in TOML syntax)
         self.pg_port = free_port()
         self.http_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -51,6 +52,7 @@ class Daemon:
                 f"listen_http_addr='127.0.0.1:{self.http_port}'",
                 "-c",
                 "log_format='json'",
+                *(arg for k, v in self.config.items() for arg in ("-c", f"{k}={v}")),
             ),
             capture_output=True,
             text=True,

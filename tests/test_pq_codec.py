@@ -975,3 +975,12 @@ def test_fuzz_decoders_directly(data: bytes) -> None:
             m.decode_backend(t, data)
     with contextlib.suppress(ProtocolViolation):
         m.decode_startup(data)
+
+
+def test_client_accepts_command_complete_ending_a_copy_both() -> None:
+    """Postgres' walsender ends streaming at shutdown with CommandComplete and no CopyDone."""
+    _, client = _copy_both_pair()
+    evs = _feed_all(client, m.CopyData(b"w...").encode() + m.CommandComplete("COPY 0").encode())
+    assert evs == [m.CopyData(b"w..."), m.CommandComplete("COPY 0")] and client.state is State.QUERY
+    assert _feed_all(client, m.ReadyForQuery("I").encode()) == [m.ReadyForQuery("I")]
+    assert client.state is State.READY

@@ -1,5 +1,15 @@
 """A compute endpoint: a stock PG15 primary whose data directory is a pageserver basebackup and whose
-WAL the pageserver streams back over physical replication (DESIGN §2.3; spec control-plane §1.7).
+WAL reaches the pageserver (DESIGN §2.3-§2.4; spec control-plane §1.7).
+
+With safekeepers (`safekeepers=["host:port", …]`, the normal set-up) the WAL path is Neon's:
+`create()` first runs `neon-walproposer --sync-safekeepers` for the LSN to start from and takes
+the basebackup there; `start()` starts Postgres with `synchronous_standby_names = 'walproposer'`
+and then the WAL proposer beside it, so every COMMIT waits for a safekeeper quorum; the
+pageserver follows the safekeepers through the broker. `stop()` stops Postgres (its shutdown
+checkpoint is acknowledged by the quorum before it exits), then the proposer.
+
+Without safekeepers the pageserver streams straight from the compute (the stage before the
+safekeepers existed, still used by tests of the pageserver alone):
 
 Lifecycle, mirroring `neon_local endpoint create/start/stop` without compute_ctl, the neon
 extension or safekeepers:
@@ -25,10 +35,14 @@ import contextlib
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tarfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -66,6 +80,7 @@ class Endpoint:
         pg_port: int,
         distrib: PgDistrib | None = None,
         user: PostgresUser | None = None,
+        safekeepers: Sequence[str] | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.tenant_id = str(tenant_id)
@@ -82,6 +97,9 @@ class Endpoint:
         self.wal_source_attached = False
         self.basebackup_lsn: Lsn | None = None
         """The LSN the basebackup was taken at (the start of its synthesized shutdown checkpoint)."""
+        self.safekeepers = list(safekeepers or [])
+        self.proposer: subprocess.Popen[bytes] | None = None
+        self.proposer_log = self.workdir / "walproposer.log"
 
     def __repr__(self) -> str:
         return f"Endpoint({self.workdir}, timeline={self.timeline_id}, port={self.pg_port})"
@@ -94,6 +112,11 @@ class Endpoint:
         self.user.make_dir(self.workdir, 0o755)
         # 0755 so the root pageserver can reach the socket for replication.
         self.user.make_dir(self.sockdir, 0o755)
+        if self.safekeepers and lsn is None:
+            # The safekeepers' committed end is where this compute must start (0/0: a timeline they
+            # have no WAL for yet, which starts at the pageserver's last record).
+            synced = await self.sync_safekeepers()
+            lsn = synced if synced else None
         tar_path = self.workdir / "basebackup.tar"
         try:
             await self._download_basebackup(tar_path, None if lsn is None else Lsn(lsn))
@@ -110,6 +133,43 @@ class Endpoint:
             (self.pgdata / signal_file).unlink(missing_ok=True)
         self._write_config(control)
         return self
+
+    def _proposer_argv(self, *extra: str) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "neon.compute.walproposer_main",
+            "--safekeepers",
+            ",".join(self.safekeepers),
+            "--tenant-id",
+            self.tenant_id,
+            "--timeline-id",
+            self.timeline_id,
+            *extra,
+        ]
+
+    async def sync_safekeepers(self, *, timeout: float = 120.0) -> Lsn:
+        """`neon-walproposer --sync-safekeepers`: the LSN the safekeepers have committed."""
+        with open(self.proposer_log, "ab") as logf:
+            proc = await asyncio.create_subprocess_exec(
+                *self._proposer_argv("--sync-safekeepers"), stdout=asyncio.subprocess.PIPE, stderr=logf
+            )
+            try:
+                async with asyncio.timeout(timeout):
+                    out, _ = await proc.communicate()
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+                raise EndpointError(
+                    f"sync-safekeepers did not finish in {timeout:.0f} s (no safekeeper quorum?)"
+                ) from None
+        if proc.returncode != 0:
+            tail = self.proposer_log.read_text(errors="replace").strip().splitlines()[-3:]
+            raise EndpointError(f"sync-safekeepers failed (exit {proc.returncode}): {' | '.join(tail)}")
+        try:
+            return Lsn.parse(out.decode().strip())
+        except ValueError:
+            raise EndpointError(f"sync-safekeepers printed {out!r}, not an LSN") from None
 
     async def _download_basebackup(self, dest: Path, lsn: Lsn | None) -> None:
         host, port = self.pageserver_pg
@@ -188,9 +248,15 @@ class Endpoint:
             f"track_commit_timestamp = {on(control.track_commit_timestamp)}",
             f"wal_log_hints = {on(control.wal_log_hints)}",
             "max_replication_slots = 10",
-            # The pageserver streams without a slot and resumes at its disk_consistent_lsn after a
-            # crash: the compute must still have that WAL.
-            "wal_keep_size = '1GB'",
+            *(
+                # Commits wait for the proposer's quorum acknowledgement; its slot keeps the WAL a
+                # safekeeper may still need (spec §2.6.8-§2.6.9).
+                ["synchronous_standby_names = 'walproposer'", "wal_keep_size = 0"]
+                if self.safekeepers
+                # The pageserver streams without a slot and resumes at its disk_consistent_lsn
+                # after a crash: the compute must still have that WAL.
+                else ["wal_keep_size = '1GB'"]
+            ),
             "wal_sender_timeout = '10s'",
             "fsync = on",
             "shared_buffers = '16MB'",
@@ -221,9 +287,34 @@ class Endpoint:
             self.user.run, [pg_ctl, "-D", self.pgdata, "-l", self.logfile, "-w", "-t", "60", "start"]
         )
         self.running = True
-        if attach_wal_source:
+        if self.safekeepers:
+            self.start_proposer()
+        elif attach_wal_source:
             await self.attach_wal_source()
         return self
+
+    def start_proposer(self) -> None:
+        """The WAL proposer beside Postgres (its output in walproposer.log)."""
+        if self.proposer is not None and self.proposer.poll() is None:
+            raise EndpointError(f"{self}: the WAL proposer is already running")
+        lsn = self.basebackup_lsn
+        extra = ["--pg-host", str(self.sockdir), "--pg-port", str(self.pg_port), "--pg-user", SUPERUSER]
+        if lsn is not None:
+            extra += ["--basebackup-lsn", str(lsn)]
+        with open(self.proposer_log, "ab") as logf:
+            self.proposer = subprocess.Popen(self._proposer_argv(*extra), stdout=logf, stderr=logf)
+
+    def stop_proposer(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        proc, self.proposer = self.proposer, None
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(sig)
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
 
     async def attach_wal_source(self) -> None:
         """Point the pageserver's WAL receiver for this timeline at the compute's socket."""
@@ -255,6 +346,12 @@ class Endpoint:
             self.user.run, [pg_ctl, "-D", self.pgdata, "-m", mode, "-w", "-t", str(int(timeout)), "stop"]
         )
         self.running = False
+        if self.safekeepers:
+            self.stop_proposer()
+            if mode != "immediate":
+                final = Lsn(ControlFileData.read(self.pgdata / "global" / "pg_control").checkpoint)
+                await self.wait_pageserver_lsn(final + 1, timeout=max(1.0, deadline - time.monotonic()))
+            return
         if not self.wal_source_attached:
             return
         if mode != "immediate":
@@ -264,13 +361,16 @@ class Endpoint:
             await self.wait_pageserver_lsn(final + 1, timeout=max(1.0, deadline - time.monotonic()))
         await self.detach_wal_source()
 
-    def destroy(self) -> None:
-        """Stop Postgres at once if it runs, and remove the endpoint's directory."""
+    def destroy(self, *, remove: bool = True) -> None:
+        """Stop Postgres (and the proposer) at once if they run, and remove the endpoint's directory
+        (unless `remove` is False: its logs are then still there to read)."""
         if self.running:
             with contextlib.suppress(Exception):
                 self.user.run([self.distrib.bin("pg_ctl"), "-D", self.pgdata, "-m", "immediate", "-w", "stop"])
             self.running = False
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        self.stop_proposer(signal.SIGKILL)
+        if remove:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     # --- clients -----------------------------------------------------------------------------------
     def connstr(self, dbname: str = "postgres") -> str:

@@ -21,6 +21,7 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
+from neon.broker.client import BrokerClient
 from neon.pq.server import PqServer
 from neon.utils.id import TenantId, TimelineId
 from neon.utils.logging import setup_logging
@@ -86,7 +87,8 @@ def _host_port(addr: str) -> tuple[str, int]:
 
 async def serve(conf: PageServerConf, workdir: Path, *, ready: asyncio.Event | None = None) -> None:
     """Run the daemon until SIGTERM or SIGINT; `ready` is set once both listeners accept."""
-    manager = TenantManager(conf, workdir)
+    broker = BrokerClient(conf.broker_endpoint, keepalive_interval=conf.broker_keepalive_interval.total_seconds())
+    manager = TenantManager(conf, workdir, broker=broker)
     await manager.load_all()
     runner = web.AppRunner(make_app(manager, conf), access_log=None)
     await runner.setup()
@@ -121,6 +123,7 @@ async def serve(conf: PageServerConf, workdir: Path, *, ready: asyncio.Event | N
         await page_service.stop(grace=5.0)
         await runner.cleanup()
         await manager.shutdown()  # flushes every timeline's open layer
+        await broker.close()
         log.info("pageserver stopped")
 
 

@@ -18,13 +18,16 @@ from pathlib import Path
 
 import structlog
 
+from neon.broker.client import BrokerClient
 from neon.postgres.pg_distrib import PgDistrib, PostgresUser, initdb
 from neon.utils.crashsafe import durable_mkdir, durable_write, fsync_path
 from neon.utils.id import TenantId, TimelineId
 from neon.utils.lsn import Lsn
 from neon.walredo.manager import WalRedoManager
 
+from .broker_walreceiver import BrokerWalReceiver
 from .compaction import CompactionCancelled, compact
+from .connection_manager import WalReceiverConf
 from .gc import gc_iteration
 from .import_datadir import WalImporter, check_bootstrap_datadir, import_datadir, wal_segment_files
 from .metadata import TimelineMetadata, load_metadata
@@ -72,8 +75,13 @@ class Tenant:
         pg_distrib: PgDistrib | None = None,
         pg_user: PostgresUser | None = None,
         superuser: str = "cloud_admin",
+        broker: BrokerClient | None = None,
+        availability_zone: str | None = None,
     ) -> None:
         self.tenant_id = tenant_id
+        # Timelines without a fixed `wal_source` follow the safekeepers through this broker.
+        self.broker = broker
+        self.availability_zone = availability_zone
         self.superuser = superuser  # initdb's bootstrap superuser (initial_superuser_name)
         self.path = path
         self.walredo = walredo
@@ -93,7 +101,7 @@ class Tenant:
         self.compaction_errors = 0
         self._loops: list[asyncio.Task[None]] = []
         self.broken_reason: str | None = None
-        self.wal_receivers: dict[TimelineId, WalReceiver] = {}
+        self.wal_receivers: dict[TimelineId, WalReceiver | BrokerWalReceiver] = {}
 
     # --- configuration ------------------------------------------------------------------------
     def conf(self) -> TenantConf:
@@ -256,9 +264,7 @@ class Tenant:
             ]
             for tl in self.timelines.values():
                 tl.start_logical_size_calculation()
-                source = self.wal_source(tl.timeline_id)
-                if source is not None and tl.timeline_id not in self.wal_receivers:
-                    self._start_wal_receiver(tl, source)
+                self._start_wal_receiver(tl)
 
     # --- WAL sources ---------------------------------------------------------------------------
     def wal_source(self, timeline_id: TimelineId) -> WalSource | None:
@@ -270,7 +276,8 @@ class Tenant:
             return None
 
     async def set_wal_source(self, timeline_id: TimelineId, source: WalSource | None) -> None:
-        """Stream the timeline's WAL from `source` from now on (and after restarts); None stops it."""
+        """Stream the timeline's WAL from `source` from now on (and after restarts); None goes back
+        to following the safekeepers through the broker (when there is one)."""
         tl = self.get_timeline(timeline_id)
         receiver = self.wal_receivers.pop(timeline_id, None)
         if receiver is not None:
@@ -279,12 +286,25 @@ class Tenant:
         if source is None:
             path.unlink(missing_ok=True)
             fsync_path(tl.path)
-            return
-        durable_write(path, (source.connstr() + "\n").encode())
-        self._start_wal_receiver(tl, source)
+        else:
+            durable_write(path, (source.connstr() + "\n").encode())
+        self._start_wal_receiver(tl, asked=True)
 
-    def _start_wal_receiver(self, tl: Timeline, source: WalSource) -> None:
-        receiver = WalReceiver(tl, source)
+    def _start_wal_receiver(self, tl: Timeline, *, asked: bool = False) -> None:
+        """A fixed `wal_source` if the timeline has one, else the broker's choice of safekeeper.
+
+        Receivers start with the tenant's background loops, or when `set_wal_source` asks."""
+        if tl.timeline_id in self.wal_receivers or not (self._loops or asked):
+            return
+        source = self.wal_source(tl.timeline_id)
+        receiver: WalReceiver | BrokerWalReceiver
+        if source is not None:
+            receiver = WalReceiver(tl, source)
+        elif self.broker is not None:
+            conf = WalReceiverConf.from_tenant_conf(self.conf(), availability_zone=self.availability_zone)
+            receiver = BrokerWalReceiver(tl, self.broker, conf, auth_token=os.environ.get("NEON_AUTH_TOKEN"))
+        else:
+            return
         self.wal_receivers[tl.timeline_id] = receiver
         receiver.start()
 
@@ -395,6 +415,7 @@ class Tenant:
         self._finish_create(mark)
         tl.state = "Active"
         self.timelines[timeline_id] = tl
+        self._start_wal_receiver(tl)
         self.log.info("imported timeline", timeline_id=str(timeline_id), lsn=str(Lsn(tl.last_record_lsn)))
         return tl
 
@@ -448,6 +469,7 @@ class Tenant:
             self._finish_create(mark)
         tl.state = "Active"
         self.timelines[timeline_id] = tl
+        self._start_wal_receiver(tl)
         self.log.info("branched timeline", timeline_id=str(timeline_id), ancestor=str(ancestor_id), lsn=str(start))
         return tl
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import structlog
 
+from neon.broker.client import BrokerClient
 from neon.postgres.pg_distrib import PgDistrib, PostgresUser
 from neon.utils.crashsafe import fsync_path
 from neon.utils.id import TenantId
@@ -138,8 +139,10 @@ class TenantManager:
         pg_distrib: PgDistrib | None = None,
         pg_user: PostgresUser | None = None,
         metrics: PageserverMetrics | None = None,
+        broker: BrokerClient | None = None,
     ) -> None:
         self.conf = conf
+        self.broker = broker  # timelines without a fixed wal_source follow the safekeepers through it
         self.metrics = metrics or PageserverMetrics()
         self.metrics.attach(self)
         self.workdir = Path(workdir).absolute()
@@ -184,6 +187,8 @@ class TenantManager:
             "pg_distrib": self._pg_distrib,
             "pg_user": self._pg_user,
             "superuser": self.conf.initial_superuser_name,
+            "broker": self.broker,
+            "availability_zone": self.conf.availability_zone,
         }
 
     # --- loading ------------------------------------------------------------------------------

@@ -1,7 +1,13 @@
 """The WAL receiver (spec pageserver §10.3): streams a timeline's WAL from a WAL source and ingests it.
 
-A source is anything that speaks physical replication: at this stage the compute itself (a stock
-PG15 primary), later a safekeeper chosen through the broker, behind the same `WalSource`. The
+`stream_wal` is one replication connection, shared by both receivers: connect (with the startup
+`options` naming the timeline towards a safekeeper), `IDENTIFY_SYSTEM`, `START_REPLICATION
+PHYSICAL`, decode and ingest, and report progress back, either with Neon's `'z'`
+PageserverFeedback (safekeepers) or with standard `'r'` status updates (a stock primary's
+walsender rejects `'z'`).
+
+`WalReceiver` follows one fixed source given by connection string (`wal_source`), e.g. a stock
+PG15 primary; `broker_walreceiver.BrokerWalReceiver` picks a safekeeper through the broker. The
 receiver connects with `replication=true`, checks the system identifier, asks for WAL from the
 timeline's `last_record_lsn`, decodes and ingests it as it arrives, and reports its positions with
 standard `'r'` status updates (write = received, flush = apply = ingested). A lost connection
@@ -13,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
@@ -22,8 +30,10 @@ from neon.postgres.constants import XLOG_BLCKSZ
 from neon.postgres.controlfile import ControlFileData
 from neon.postgres.errors import WalDecodeError
 from neon.postgres.waldecoder import WalStreamDecoder
-from neon.pq.client import connect
-from neon.pq.replication import PrimaryKeepalive, XLogData
+from neon.pq.client import ReplicationStream, connect
+from neon.pq.errors import PgError, SqlState
+from neon.pq.replication import PageserverFeedback, PrimaryKeepalive, XLogData, pg_now
+from neon.utils.id import TenantId, TimelineId
 from neon.utils.lsn import Lsn
 
 from .datadir_mapping import DatadirModification
@@ -93,6 +103,177 @@ class WalReceiverStatus:
     errors: list[str] = field(default_factory=list)
 
 
+# --- one replication connection ------------------------------------------------------------------
+class FeedbackMode(enum.Enum):
+    """How the connection reports progress to its source."""
+
+    PAGESERVER = "z"  # Neon's PageserverFeedback: what safekeepers expect (spec §10.4)
+    STANDBY_STATUS = "r"  # standard standby status update: for a stock Postgres walsender
+
+
+@dataclass(frozen=True)
+class StreamTarget:
+    """Where and how to connect for one streaming attempt."""
+
+    host: str
+    port: int
+    user: str = "cloud_admin"
+    password: str | None = None  # the JWT (NEON_AUTH_TOKEN) for safekeepers that require auth
+    options: str | None = None  # startup `options`; None for a stock primary, which rejects ours
+    application_name: str = "pageserver"
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def safekeeper_startup_options(
+    tenant_id: TenantId, timeline_id: TimelineId, availability_zone: str | None = None
+) -> str:
+    """The startup `options` Neon's pageserver sends a safekeeper (spec §10.3)."""
+    opts = f"-c timeline_id={timeline_id} tenant_id={tenant_id}"
+    if availability_zone is not None:
+        opts += f" availability_zone={availability_zone}"
+    return opts
+
+
+def pageserver_feedback(timeline: Timeline, last_received_lsn: int) -> PageserverFeedback:
+    """The 'z' message for `timeline` now (remote_consistent_lsn 0 while there is no remote storage)."""
+    return PageserverFeedback(
+        current_timeline_size=timeline.logical_size or 0,
+        last_received_lsn=last_received_lsn,
+        disk_consistent_lsn=int(timeline.disk_consistent_lsn),
+        remote_consistent_lsn=int(getattr(timeline, "remote_consistent_lsn", 0) or 0),
+        replytime=pg_now(),
+    )
+
+
+@dataclass
+class StreamProgress:
+    """Callbacks a streaming connection reports through (all optional)."""
+
+    connected: Callable[[int], None] = lambda commit_lsn: None
+    message: Callable[[int, int | None], None] = lambda commit_lsn, streaming_lsn: None
+    wal_processed: Callable[[], None] = lambda: None
+    feedback_sent: Callable[[int], None] = lambda lsn: None
+
+
+def _is_normal_end(e: PgError) -> bool:
+    # Neon's safekeeper ends a stream it no longer serves with SQLSTATE 00000 "ending streaming …".
+    return e.sqlstate == SqlState.SUCCESSFUL_COMPLETION and "ending streaming" in e.message
+
+
+async def stream_wal(
+    timeline: Timeline,
+    target: StreamTarget,
+    progress: StreamProgress | None = None,
+    *,
+    feedback: FeedbackMode = FeedbackMode.PAGESERVER,
+    connect_timeout: float = 10.0,
+    status_interval: float = 1.0,
+) -> None:
+    """Stream and ingest WAL from `target` until the source ends the stream; raises on failure.
+
+    Ingest resumes at `last_record_lsn`, so a dropped connection loses and repeats nothing.
+    """
+    tl = timeline
+    progress = progress or StreamProgress()
+    conn = await connect(
+        target.host,
+        target.port,
+        target.user,
+        None,
+        target.password,
+        application_name=target.application_name,
+        options=target.options,
+        replication=True,
+        connect_timeout=connect_timeout,
+    )
+    try:
+        ident = await conn.identify_system()
+        sysid = ControlFileData.decode(tl.get_control_file(tl.last_record_lsn)).system_identifier
+        if ident.systemid != sysid:
+            raise WalReceiverError(
+                f"WAL source {target} is system {ident.systemid}, the timeline belongs to system {sysid}"
+            )
+        progress.connected(int(ident.xlogpos))
+        start = tl.last_record_lsn
+        # prev_record_lsn is the start of the last record unless that record began right after a
+        # page header; the decoder then only checks that the next xl_prev lies before it.
+        prev = tl.prev_record_lsn if tl.prev_record_lsn and tl.prev_record_lsn % XLOG_BLCKSZ else None
+        decoder = WalStreamDecoder(start, sysid=sysid, prev_lsn=prev, source=str(target))
+        ingest = WalIngest.for_timeline(tl)
+        mod = DatadirModification(tl)
+        # No TIMELINE clause, as Neon: a safekeeper serves one timeline; a primary its current one.
+        stream = await conn.start_replication(Lsn(start))
+        log.info("streaming WAL", source=str(target), start_lsn=str(Lsn(start)), server_end=str(ident.xlogpos))
+        try:
+            await _consume(tl, stream, decoder, ingest, mod, start, target, progress, feedback, status_interval)
+        except PgError as e:
+            if not _is_normal_end(e):
+                raise
+            log.info("source ended the stream", source=str(target), message=e.message)
+    finally:
+        with contextlib.suppress(Exception):
+            await conn.close()
+
+
+async def _consume(
+    tl: Timeline,
+    stream: ReplicationStream,
+    decoder: WalStreamDecoder,
+    ingest: WalIngest,
+    mod: DatadirModification,
+    start: int,
+    target: StreamTarget,
+    progress: StreamProgress,
+    feedback: FeedbackMode,
+    status_interval: float,
+) -> None:
+    received = start
+    processed = False
+    last_status = 0.0
+    async for msg in stream:
+        feedback_lsn: int | None = None
+        if isinstance(msg, XLogData):
+            if msg.wal_start != received:
+                raise WalReceiverError(
+                    f"WAL stream jumped from {Lsn(received)} to {Lsn(msg.wal_start)} (a gap in the WAL)"
+                )
+            decoder.feed(msg.data)
+            received = msg.data_end
+            progress.message(msg.wal_end, received)
+            try:
+                for batch in decoder.record_batches():
+                    await ingest.ingest_batch(batch, mod)
+            except WalDecodeError as e:
+                raise WalReceiverError(f"invalid WAL from {target}: {e}") from e
+            feedback_lsn = received
+        elif isinstance(msg, PrimaryKeepalive):
+            progress.message(msg.wal_end, None)
+            if msg.reply_requested:
+                feedback_lsn = tl.last_record_lsn
+        if not processed and tl.last_record_lsn > start:
+            processed = True
+            progress.wal_processed()
+        tl.check_checkpoint_distance()
+        if isinstance(msg, XLogData):
+            await tl.ingest_backpressure()
+        if feedback is FeedbackMode.PAGESERVER:
+            # Neon answers every XLogData and every keepalive that asks for a reply.
+            if feedback_lsn is not None:
+                await stream.send_neon_feedback(pageserver_feedback(tl, feedback_lsn))
+                progress.feedback_sent(feedback_lsn)
+        else:
+            now = time.monotonic()
+            reply = isinstance(msg, PrimaryKeepalive) and msg.reply_requested
+            if reply or now - last_status >= status_interval:
+                # flush = ingested (not durable): a stock walsender waits at shutdown until flush
+                # reaches what it sent; it keeps its WAL itself. See walreceiver.py.
+                await stream.send_status(received, tl.last_record_lsn, tl.last_record_lsn)
+                progress.feedback_sent(received)
+                last_status = now
+
+
 class WalReceiver:
     def __init__(
         self,
@@ -156,68 +337,28 @@ class WalReceiver:
 
     # --- one connection ----------------------------------------------------------------------------
     async def _stream_once(self) -> None:
-        tl = self.timeline
         src = self.source
-        conn = await connect(
-            src.host,
-            src.port,
-            src.user,
-            src.dbname,
-            src.password,
-            application_name=self.application_name,
-            replication=True,
+        status = self.status
+
+        def connected(_server_end: int) -> None:
+            status.connected = True
+            status.connects += 1
+
+        def message(server_end: int, received: int | None) -> None:
+            status.last_message_at = time.monotonic()
+            status.server_wal_end = max(status.server_wal_end, server_end)
+            if received is not None:
+                status.last_received_lsn = received
+
+        # flush = ingested, not durable in layer files ('r' in `stream_wal`): a stock primary's
+        # walsender waits at shutdown until flush reaches what it sent, and layers may be flushed
+        # minutes later (checkpoint_timeout). The primary keeps its WAL itself; the durable
+        # position is disk_consistent_lsn in the pageserver's API and metrics.
+        await stream_wal(
+            self.timeline,
+            StreamTarget(src.host, src.port, src.user, src.password, None, self.application_name),
+            StreamProgress(connected=connected, message=message),
+            feedback=FeedbackMode.STANDBY_STATUS,
             connect_timeout=self.connect_timeout,
+            status_interval=self.status_interval,
         )
-        try:
-            ident = await conn.identify_system()
-            sysid = ControlFileData.decode(tl.get_control_file(tl.last_record_lsn)).system_identifier
-            if ident.systemid != sysid:
-                raise WalReceiverError(
-                    f"WAL source {src} is system {ident.systemid}, the timeline belongs to system {sysid}"
-                )
-            start = tl.last_record_lsn
-            # prev_record_lsn is the start of the last record unless that record began right after a
-            # page header; the decoder then only checks that the next xl_prev lies before it.
-            prev = tl.prev_record_lsn if tl.prev_record_lsn and tl.prev_record_lsn % XLOG_BLCKSZ else None
-            decoder = WalStreamDecoder(start, sysid=sysid, prev_lsn=prev, source=str(src))
-            ingest = WalIngest.for_timeline(tl)
-            mod = DatadirModification(tl)
-            stream = await conn.start_replication(Lsn(start), timeline=ident.timeline)
-            self.status.connected = True
-            self.status.connects += 1
-            self.log.info("streaming WAL", start_lsn=str(Lsn(start)), server_end=str(ident.xlogpos))
-            received = start
-            last_status = 0.0
-            async for msg in stream:
-                self.status.last_message_at = time.monotonic()
-                reply = False
-                if isinstance(msg, XLogData):
-                    if msg.wal_start != received:
-                        raise WalReceiverError(
-                            f"WAL stream jumped from {Lsn(received)} to {Lsn(msg.wal_start)} (a gap in the WAL)"
-                        )
-                    decoder.feed(msg.data)
-                    received = msg.wal_start + len(msg.data)
-                    try:
-                        for batch in decoder.record_batches():
-                            await ingest.ingest_batch(batch, mod)
-                    except WalDecodeError as e:
-                        raise WalReceiverError(f"invalid WAL from {src}: {e}") from e
-                    tl.check_checkpoint_distance()
-                    await tl.ingest_backpressure()
-                elif isinstance(msg, PrimaryKeepalive):
-                    reply = msg.reply_requested
-                    tl.check_checkpoint_distance()
-                self.status.last_received_lsn = received
-                self.status.server_wal_end = stream.server_wal_end
-                now = time.monotonic()
-                if reply or now - last_status >= self.status_interval:
-                    # flush = ingested, not durable in layer files: a stock primary's walsender waits
-                    # at shutdown until flush reaches what it sent, and layers may be flushed minutes
-                    # later (checkpoint_timeout). The primary keeps its WAL itself; the durable
-                    # position is disk_consistent_lsn in the pageserver's API and metrics.
-                    await stream.send_status(received, tl.last_record_lsn, tl.last_record_lsn)
-                    last_status = now
-        finally:
-            with contextlib.suppress(Exception):
-                await conn.close()

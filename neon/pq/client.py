@@ -373,6 +373,7 @@ class CopyStream:
         self.response = response
         self._server_done = isinstance(response, CopyInResponse)
         self._results: list[QueryResult] | None = None
+        self._complete: CommandComplete | None = None  # the copy's CommandComplete, if read() saw it
 
     @property
     def active(self) -> bool:
@@ -397,6 +398,11 @@ class CopyStream:
                 return ev.data
             if isinstance(ev, CopyDone):
                 self._server_done = True
+                return None
+            if isinstance(ev, CommandComplete):
+                # The server ended the copy without CopyDone (a walsender at shutdown).
+                self._server_done = True
+                self._complete = ev
                 return None
             if isinstance(ev, ErrorResponse):
                 await self._fail(ev)
@@ -444,7 +450,10 @@ class CopyStream:
         if self.conn.codec.state is State.COPY_BOTH:
             await self.done()
         if self._results is None:
-            self._results = await self.conn._collect_results()
+            results = await self.conn._collect_results()
+            if self._complete is not None:
+                results.insert(0, QueryResult(tag=self._complete.tag))
+            self._results = results
         return self._results
 
     def __aiter__(self) -> CopyStream:

@@ -660,10 +660,12 @@ class ClientConnection(_Connection):
             return t in (b"T", b"D", b"C", b"I", b"G", b"H", b"W", b"Z", b"1", b"2", b"3", b"n", b"t", b"s")
         if st is State.EXTENDED:
             return t in (b"T", b"D", b"C", b"I", b"G", b"H", b"W", b"1", b"2", b"3", b"n", b"t", b"s")
+        # CommandComplete may end a copy without CopyDone: Postgres' walsender does that when it
+        # finishes streaming at shutdown (WalSndDone), and libpq accepts it.
         if st is State.COPY_OUT:
-            return t in (b"d", b"c")
+            return t in (b"d", b"c", b"C")
         if st is State.COPY_BOTH:
-            return not self._server_copy_done and t in (b"d", b"c")
+            return t == b"C" or (not self._server_copy_done and t in (b"d", b"c"))
         return False
 
     def _on_message(self, msg: BackendMessage) -> ClientEvent:
@@ -711,6 +713,8 @@ class ClientConnection(_Connection):
                 self._end_copy()
             else:
                 self._server_copy_done = True
+        elif isinstance(msg, CommandComplete) and st in _COPY_STATES:
+            self._end_copy()
         return msg
 
     def _peer_may_send_copy_data(self) -> bool:

@@ -21,6 +21,7 @@ import structlog
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from neon.pageserver.broker_walreceiver import BrokerWalReceiver
 from neon.pageserver.compaction import compact
 from neon.pageserver.config import PageServerConf
 from neon.pageserver.gc import gc_iteration
@@ -384,7 +385,13 @@ async def timeline_detail(request: web.Request) -> web.Response:
     tenant = _mgr(request).get_tenant(_tenant_id(request))
     tl = tenant.get_timeline(_timeline_id(request))
     full = _bool_query(request, "include-non-incremental-logical-size")
-    return _json(TimelineInfo.from_timeline(tl, include_non_incremental=full).model_dump(mode="json"))
+    info = TimelineInfo.from_timeline(tl, include_non_incremental=full).model_dump(mode="json")
+    receiver = tenant.wal_receivers.get(tl.timeline_id)
+    if isinstance(receiver, BrokerWalReceiver):
+        report = receiver.status_report()
+        for key in ("wal_source_connstr", "last_received_msg_lsn", "last_received_msg_ts", "walreceiver_status"):
+            info[key] = report[key]
+    return _json(info)
 
 
 async def timeline_delete(request: web.Request) -> web.Response:
@@ -469,6 +476,8 @@ async def timeline_wal_source_get(request: web.Request) -> web.Response:
             "connects": st.connects if st else 0,
             "last_received_lsn": str(Lsn(st.last_received_lsn)) if st else "0/0",
             "last_error": st.last_error if st else None,
+            # Following the broker: which safekeeper, the candidates seen, reconnects.
+            "manager": receiver.status_report() if isinstance(receiver, BrokerWalReceiver) else None,
         }
     )
 

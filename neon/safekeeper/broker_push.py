@@ -1,0 +1,95 @@
+"""Publishing this safekeeper's timeline state to the storage broker (spec safekeeper-and-broker
+§5.5): one long-lived publish stream; once a second, one `SafekeeperTimelineInfo` per *active*
+timeline (inactive ones are not published at all).
+
+If the broker is down or the stream breaks, the pusher waits (1 s, doubling up to 10 s, reset
+after a stream that lived long enough) and reconnects. It runs as its own task and never touches
+the timeline lock, so it cannot hold up WAL service.
+
+Consuming broker messages (commit propagation between peers) is not implemented.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from neon.broker.client import BrokerClient, SafekeeperTimelineInfo
+from neon.safekeeper.timeline import Timelines
+from neon.utils.logging import get_logger
+
+log = get_logger("safekeeper.broker_push")
+
+PUSH_INTERVAL = 1.0
+RETRY_MIN = 1.0
+RETRY_MAX = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class AdvertisedAddresses:
+    pg_connstr: str  # --advertise-pg, else --listen-pg
+    http_connstr: str  # --listen-http
+    availability_zone: str | None = None
+
+
+class BrokerPusher:
+    def __init__(
+        self,
+        endpoint: str,
+        timelines: Timelines,
+        *,
+        node_id: int,
+        addresses: AdvertisedAddresses,
+        interval: float = PUSH_INTERVAL,
+        client_factory: Callable[[str], BrokerClient] = BrokerClient,
+    ) -> None:
+        self.endpoint = endpoint
+        self.timelines = timelines
+        self.node_id = node_id
+        self.addresses = addresses
+        self.interval = interval
+        self.client_factory = client_factory
+        self.pushed = 0  # messages handed to the stream (metrics)
+
+    def infos(self) -> list[SafekeeperTimelineInfo]:
+        a = self.addresses
+        return [
+            tl.broker_info(
+                node_id=self.node_id,
+                pg_connstr=a.pg_connstr,
+                http_connstr=a.http_connstr,
+                availability_zone=a.availability_zone,
+            )
+            for tl in self.timelines.active()
+        ]
+
+    async def _messages(self) -> AsyncIterator[SafekeeperTimelineInfo]:
+        while True:
+            for info in self.infos():
+                yield info
+                self.pushed += 1
+            await asyncio.sleep(self.interval)  # the publishing period, not synchronisation
+
+    async def run(self) -> None:
+        """Publish forever (until cancelled)."""
+        loop = asyncio.get_running_loop()
+        delay = RETRY_MIN
+        while True:
+            started = loop.time()
+            client = self.client_factory(self.endpoint)
+            try:
+                await client.publish(self._messages())
+                log.warning("broker publish stream ended", endpoint=self.endpoint)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("broker publish failed", endpoint=self.endpoint, error=str(e), retry_in=delay)
+            finally:
+                with contextlib.suppress(Exception):
+                    await client.close()
+            if loop.time() - started > 2 * RETRY_MAX:
+                delay = RETRY_MIN
+            await asyncio.sleep(delay)  # reconnect back-off
+            delay = min(delay * 2, RETRY_MAX)
