@@ -289,6 +289,7 @@ class Endpoint:
         self.running = True
         if self.safekeepers:
             self.start_proposer()
+            await self.wait_proposer_streaming()
         elif attach_wal_source:
             await self.attach_wal_source()
         return self
@@ -303,6 +304,24 @@ class Endpoint:
             extra += ["--basebackup-lsn", str(lsn)]
         with open(self.proposer_log, "ab") as logf:
             self.proposer = subprocess.Popen(self._proposer_argv(*extra), stdout=logf, stderr=logf)
+
+    async def wait_proposer_streaming(self, timeout: float = 60.0) -> None:
+        """Until Postgres streams to the proposer as its synchronous standby: the proposer won an
+        election, so commits can be acknowledged (and a shutdown checkpoint will be)."""
+        deadline = time.monotonic() + timeout
+        query = (
+            "SELECT count(*) FROM pg_stat_replication"
+            " WHERE application_name = 'walproposer' AND state = 'streaming' AND sync_state = 'sync'"
+        )
+        while True:
+            if self.proposer is None or self.proposer.poll() is not None:
+                tail = self.proposer_log.read_text(errors="replace").strip().splitlines()[-3:]
+                raise EndpointError(f"{self}: the WAL proposer exited: {' | '.join(tail)}")
+            if self.safe_psql(query) == [(1,)]:
+                return
+            if time.monotonic() > deadline:
+                raise EndpointError(f"{self}: the WAL proposer is not streaming after {timeout:.0f} s (no quorum?)")
+            await asyncio.sleep(0.05)  # the election runs in another process: poll its visible effect
 
     def stop_proposer(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
         proc, self.proposer = self.proposer, None

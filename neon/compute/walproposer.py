@@ -331,7 +331,9 @@ class _Term:
         self.truncate_lsn = result.truncate_lsn
         self.streaming_ready.set()
         self._wake_all()
-        if not sync:
+        if sync:
+            await self.done.wait()  # the safekeepers' answers decide when it is finished
+        else:
             if self.pg_flush < result.epoch_start_lsn:
                 raise ProposerFatal(
                     f"the safekeepers hold WAL up to {result.epoch_start_lsn} but the compute has flushed only"
@@ -490,6 +492,9 @@ class _Term:
             if reader.done():
                 reader.result()  # raises what ended it
                 return
+            # Cleared before looking for work: a wake-up arriving while we send is kept for the wait.
+            woken = sk.wake.is_set()
+            sk.wake.clear()
             sent = False
             while sk.streaming_at < self.available_lsn:
                 data = self.spool.read(sk.streaming_at, MAX_SEND_SIZE)
@@ -499,15 +504,16 @@ class _Term:
                 sk.streaming_at = Lsn(sk.streaming_at + len(data))
                 sent = True
             now = time.monotonic()
-            if not sent and (sk.wake.is_set() or now - last_sent >= self.conf.reconnect_timeout):
+            if not sent and (woken or now - last_sent >= self.conf.reconnect_timeout):
                 await send(self._append(result, sk.streaming_at, b""))
                 sent = True
             if sent:
                 last_sent = now
-            sk.wake.clear()
             waiter = asyncio.ensure_future(sk.wake.wait())
             done, _ = await asyncio.wait(
-                [waiter, reader], timeout=max(0.0, self.conf.reconnect_timeout - (time.monotonic() - last_sent))
+                [waiter, reader],
+                timeout=max(0.0, self.conf.reconnect_timeout - (time.monotonic() - last_sent)),
+                return_when=asyncio.FIRST_COMPLETED,
             )
             if waiter not in done:
                 waiter.cancel()

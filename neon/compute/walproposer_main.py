@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import faulthandler
 import signal
 import sys
 
@@ -77,6 +78,7 @@ async def _run(proposer: WalProposer, sync: bool) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1` dumps every thread's stack to stderr
     setup_logging("console" if args.log_format == "plain" else "json")
     try:
         conf = conf_from_args(args)
