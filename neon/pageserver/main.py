@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import fcntl
-import os
 import signal
 import sys
 from pathlib import Path
@@ -25,6 +23,7 @@ from neon.broker.client import BrokerClient
 from neon.pq.server import PqServer
 from neon.utils.id import TenantId, TimelineId
 from neon.utils.logging import setup_logging
+from neon.utils.pidfile import PidFile, PidFileLocked
 
 from .config import PageServerConf, PageServerConfError, init_workdir, load_config
 from .http import make_app
@@ -50,34 +49,6 @@ class ManagerLookup:
         except TenantManagerError as e:
             raise TenantNotFound(str(e)) from None
         return tenant.get_timeline(timeline_id)
-
-
-class PidFile:
-    """`<workdir>/pageserver.pid`, locked for the daemon's lifetime (a second daemon is refused)."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.path = workdir / PID_FILE
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            other = self.path.read_text().strip() or "?"
-            raise SystemExit(
-                f"pageserver: {self.path} is locked: another pageserver (pid {other}) uses this workdir"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        os.fsync(fd)
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
 
 
 def _host_port(addr: str) -> tuple[str, int]:
@@ -147,8 +118,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pageserver: {e}", file=sys.stderr)
         return 2
     setup_logging("console" if conf.log_format.value == "plain" else "json")
-    pid = PidFile(workdir)
-    pid.acquire()
+    pid = PidFile(workdir / PID_FILE, "pageserver uses this workdir")
+    try:
+        pid.acquire()
+    except PidFileLocked as e:
+        raise SystemExit(f"pageserver: {e}") from None
     try:
         try:
             import uvloop

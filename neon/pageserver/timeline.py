@@ -178,6 +178,11 @@ class Timeline(DatadirMapping):
                 f"Timed out while waiting for WAL record at LSN {Lsn(lsn)} to arrive, "
                 f"last_record_lsn {Lsn(self.last_record_lsn)} disk consistent LSN={self.disk_consistent_lsn}"
             ) from None
+        finally:
+            # Nobody waits on it any more: cancelled, it is skipped by ingest and by shutdown (which
+            # would otherwise set an exception that no one retrieves).
+            if not fut.done():
+                fut.cancel()
 
     # --- writing -------------------------------------------------------------------------------
     def layer_for_write(self, lsn: int) -> InMemoryLayer:

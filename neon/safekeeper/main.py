@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -34,6 +33,7 @@ from neon.safekeeper.timeline import Timelines
 from neon.safekeeper.wal_service import WalServiceHandler, WalServiceStats
 from neon.utils.crashsafe import fsync_path
 from neon.utils.logging import get_logger, setup_logging
+from neon.utils.pidfile import PidFile, PidFileLocked
 
 ID_FILE = "safekeeper.id"
 PID_FILE = "safekeeper.pid"
@@ -164,31 +164,6 @@ def resolve_node_id(datadir: Path, given: int | None) -> int:
     return given
 
 
-class PidFile:
-    """`<datadir>/safekeeper.pid`, fcntl-locked for the daemon's lifetime."""
-
-    def __init__(self, datadir: Path) -> None:
-        self.path = datadir / PID_FILE
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            other = self.path.read_text().strip() or "?"
-            raise StartupError(f"{self.path} is locked: another safekeeper (pid {other}) uses this datadir") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
 async def serve(args: argparse.Namespace, datadir: Path, node_id: int, timelines: Timelines) -> None:
     stats = WalServiceStats()
     addresses = AdvertisedAddresses(
@@ -272,8 +247,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.init:
             print(f"safekeeper: initialised {datadir} with id {node_id}")
             return 0
-        pid = PidFile(datadir)
-        pid.acquire()
+        pid = PidFile(datadir / PID_FILE, "safekeeper uses this datadir")
+        try:
+            pid.acquire()
+        except PidFileLocked as e:
+            raise StartupError(str(e)) from None
         timelines = Timelines(datadir, node_id=node_id, no_sync=args.no_sync)
         try:
             timelines.load_all()
