@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from neon.pq.client import ConnectionLost, PgConnection, ReplicationStream, connect
-from neon.pq.errors import PgError, ProtocolViolation
+from neon.pq.errors import LocalProtocolError, PgError, ProtocolViolation
 from neon.pq.replication import PageserverFeedback, PrimaryKeepalive, XLogData
 from neon.safekeeper.protocol import (
     MAX_SEND_SIZE,
@@ -66,6 +66,9 @@ SLOT_NAME = "wal_proposer_slot"
 DEFAULT_WAL_SEG_SIZE = 16 * 1024 * 1024
 PG_TLI = 1
 LSN_ZERO = Lsn(0)
+# How long a new quorum LSN may wait for an AppendRequest with WAL to carry it before safekeepers
+# get it in an empty one (Neon broadcasts at once; the pageserver sees commits this much later).
+COMMIT_BROADCAST_DELAY = 0.005
 
 
 class TermEnded(Exception):
@@ -132,6 +135,7 @@ class Safekeeper:
     flush_lsn: Lsn = LSN_ZERO  # last reported (kept while offline: truncateLsn uses it)
     commit_lsn: Lsn = LSN_ZERO  # last reported persisted commit LSN
     streaming_at: Lsn = LSN_ZERO
+    sent_commit_lsn: Lsn = LSN_ZERO  # the commit LSN the last AppendRequest sent to it carried
     feedback: PageserverFeedback | None = None
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     connects: int = 0
@@ -152,7 +156,7 @@ class _Term:
         self.term_chosen = asyncio.Event()
         self.elected = asyncio.Event()
         self.streaming_ready = asyncio.Event()  # spool and positions set up after the election
-        self.report_wake = asyncio.Event()  # the quorum LSN moved: report it now
+        self._commit_broadcast: asyncio.TimerHandle | None = None
         self.done = asyncio.Event()  # sync mode: finished
         self.result: ElectionResult | None = None
         self.spool: WalSpool | None = None
@@ -198,6 +202,8 @@ class _Term:
                 await self._spread_commit_lsn()
             return self.sync_lsn
         finally:
+            if self._commit_broadcast is not None:
+                self._commit_broadcast.cancel()
             for t in tasks:
                 t.cancel()
             for t in tasks:
@@ -259,7 +265,7 @@ class _Term:
         assert self.pg_conn is not None and self.spool is not None
         stream = await self.pg_conn.start_replication(start, timeline=PG_TLI)
         self.pg_stream = stream
-        await self._report(force=True)
+        self._report(force=True)
         try:
             async for msg in stream:
                 if isinstance(msg, XLogData):
@@ -268,7 +274,7 @@ class _Term:
                         self.available_lsn = self.spool.end_lsn
                         self._wake_all()
                 elif isinstance(msg, PrimaryKeepalive) and msg.reply_requested:
-                    await self._report(force=True)
+                    self._report(force=True)
         except (ConnectionLost, PgError, ProtocolViolation, OSError) as e:
             raise TermEnded(f"the compute's replication stream ended: {e}") from e
         # The compute finished streaming (a clean shutdown: everything it sent is acknowledged);
@@ -276,8 +282,9 @@ class _Term:
         self.pg_stream = None
         raise TermEnded("the compute ended its replication stream")
 
-    async def _report(self, *, force: bool = False) -> None:
-        """`'r'` with write = flush = apply = the quorum LSN of this term (monotonic)."""
+    def _report(self, *, force: bool = False) -> None:
+        """`'r'` with write = flush = apply = the quorum LSN of this term (monotonic), written at
+        once: it is what releases the waiting commits."""
         stream = self.pg_stream
         if stream is None or self.failure is not None:
             return
@@ -286,24 +293,23 @@ class _Term:
             return
         self.reported = lsn
         try:
-            await stream.send_status(lsn, lsn, lsn)
-        except (ConnectionLost, OSError, PgError) as e:
+            stream.send_status_nowait(lsn, lsn, lsn)
+        except (ConnectionLost, OSError, PgError, LocalProtocolError) as e:
             self._fail(TermEnded(f"cannot report to the compute: {e}"))
 
     async def _status_loop(self) -> None:
-        """Periodic `'r'` (so wal_sender_timeout never fires) and the retention slot."""
+        """A periodic `'r'` (so wal_sender_timeout never fires while the quorum LSN stands still)
+        and the retention slot; progress itself is reported as it happens (`_on_progress`)."""
         slot_at = Lsn(0)
         while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(1.0):
-                    await self.report_wake.wait()
-            periodic = not self.report_wake.is_set()
-            self.report_wake.clear()
-            await self._report(force=periodic)
+            await asyncio.sleep(1.0)  # a period, not a synchronisation
+            self._report(force=True)
             if self.conf.slot_name and self.truncate_lsn > slot_at and self.pg_stream is not None:
-                with contextlib.suppress(Exception):
+                try:
                     await self.p.advance_slot(self.truncate_lsn)
                     slot_at = self.truncate_lsn
+                except (ConnectionLost, OSError, PgError, TimeoutError) as e:
+                    log.warning("cannot advance the retention slot", slot=self.conf.slot_name, error=str(e))
 
     # --- election --------------------------------------------------------------------------------
     async def _after_election(self, sync: bool) -> None:
@@ -500,12 +506,12 @@ class _Term:
                 data = self.spool.read(sk.streaming_at, MAX_SEND_SIZE)
                 if not data:
                     break
-                await send(self._append(result, sk.streaming_at, data))
+                await send(self._append(sk, result, sk.streaming_at, data))
                 sk.streaming_at = Lsn(sk.streaming_at + len(data))
                 sent = True
             now = time.monotonic()
             if not sent and (woken or now - last_sent >= self.conf.reconnect_timeout):
-                await send(self._append(result, sk.streaming_at, b""))
+                await send(self._append(sk, result, sk.streaming_at, b""))
                 sent = True
             if sent:
                 last_sent = now
@@ -518,7 +524,8 @@ class _Term:
             if waiter not in done:
                 waiter.cancel()
 
-    def _append(self, result: ElectionResult, begin: Lsn, data: bytes) -> AppendRequest:
+    def _append(self, sk: Safekeeper, result: ElectionResult, begin: Lsn, data: bytes) -> AppendRequest:
+        sk.sent_commit_lsn = self.quorum
         return AppendRequest.build(
             term=result.term,
             epoch_start_lsn=result.epoch_start_lsn,
@@ -550,8 +557,15 @@ class _Term:
         q = quorum_lsn([s.flush_lsn for s in self.sks], result.epoch_start_lsn)
         if q > self.quorum:
             self.quorum = q
-            self._wake_all()  # spread the new commit LSN
-            self.report_wake.set()
+            self._report()
+            if self.conf.pg_host is None:
+                self._wake_all()  # sync mode: spread the commit LSN now, completion depends on it
+            elif self._commit_broadcast is None:
+                # The next AppendRequest carries the new commit LSN anyway; only if none goes out
+                # soon does a safekeeper get an empty one (saves three messages per commit).
+                self._commit_broadcast = asyncio.get_running_loop().call_later(
+                    COMMIT_BROADCAST_DELAY, self._broadcast_commit
+                )
         horizon = min(s.flush_lsn for s in self.sks)
         if horizon > self.truncate_lsn:
             self.truncate_lsn = Lsn(horizon)
@@ -559,6 +573,12 @@ class _Term:
                 self.spool.trim(min(horizon, *(s.streaming_at for s in self.sks if s.state == "active")))
         if self.conf.pg_host is None:
             self._check_sync_done(result)
+
+    def _broadcast_commit(self) -> None:
+        self._commit_broadcast = None
+        for s in self.sks:
+            if s.state == "active" and s.sent_commit_lsn < self.quorum:
+                s.wake.set()
 
     def _check_sync_done(self, result: ElectionResult) -> None:
         target = result.epoch_start_lsn
@@ -614,6 +634,7 @@ class WalProposer:
         self.terms_run = 0
         self.last_term = 0
         self.stopping = asyncio.Event()
+        self._sql_conn: PgConnection | None = None
 
     def options(self) -> str:
         return f"-c timeline_id={self.conf.timeline_id} tenant_id={self.conf.tenant_id}"
@@ -638,6 +659,14 @@ class WalProposer:
         """Normal mode: elect, stream, and start over with a higher term whenever a term ends."""
         if self.conf.pg_host is None:
             raise ValueError("run() needs a compute (pg_host)")
+        try:
+            await self._run_terms()
+        finally:
+            if self._sql_conn is not None:
+                with contextlib.suppress(Exception):
+                    await self._sql_conn.close()
+
+    async def _run_terms(self) -> None:
         await self._ensure_slot()
         while not self.stopping.is_set():
             term = _Term(self, self.last_term)
@@ -659,21 +688,21 @@ class WalProposer:
 
     # --- retention slot (spec §2.6.8 / §10.6, "Postgres retention") -------------------------------
     async def _sql(self) -> PgConnection:
+        """One SQL connection to the compute for the slot, reopened when it was lost."""
         assert self.conf.pg_host is not None
-        return await connect(
-            self.conf.pg_host, self.conf.pg_port, self.conf.pg_user, dbname="postgres", connect_timeout=10.0
-        )
+        if self._sql_conn is None or self._sql_conn.closed:
+            self._sql_conn = await connect(
+                self.conf.pg_host, self.conf.pg_port, self.conf.pg_user, dbname="postgres", connect_timeout=10.0
+            )
+        return self._sql_conn
 
     async def _ensure_slot(self) -> None:
         if not self.conf.slot_name:
             return
         conn = await self._sql()
-        try:
-            rows = await conn.query(f"SELECT 1 FROM pg_replication_slots WHERE slot_name = '{self.conf.slot_name}'")
-            if not rows:
-                await conn.query(f"SELECT pg_create_physical_replication_slot('{self.conf.slot_name}', true)")
-        finally:
-            await conn.close()
+        rows = await conn.query(f"SELECT 1 FROM pg_replication_slots WHERE slot_name = '{self.conf.slot_name}'")
+        if not rows:
+            await conn.query(f"SELECT pg_create_physical_replication_slot('{self.conf.slot_name}', true)")
 
     async def advance_slot(self, lsn: Lsn) -> None:
         """Keep the compute's WAL from truncateLsn on (a safekeeper may still need it)."""
@@ -685,8 +714,9 @@ class WalProposer:
                 f"SELECT pg_replication_slot_advance('{self.conf.slot_name}', '{lsn}') "
                 f"FROM pg_replication_slots WHERE slot_name = '{self.conf.slot_name}' AND restart_lsn < '{lsn}'"
             )
-        finally:
-            await conn.close()
+        except BaseException:
+            await conn.close()  # a broken connection is opened again next time
+            raise
 
     def status(self) -> dict[str, object]:
         return {"terms_run": self.terms_run, **(self.current.status() if self.current else {})}

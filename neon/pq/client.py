@@ -425,6 +425,14 @@ class CopyStream:
         writer.write(codec.copy_data_header(len(data)) + data)
         await writer.drain()
 
+    def write_nowait(self, data: bytes) -> None:
+        """Queue a CopyData without waiting for the socket to drain: for small messages sent from
+        a callback (a standby status update); bulk data goes through `write`."""
+        codec = self.conn.codec
+        if codec.state not in (State.COPY_IN, State.COPY_BOTH):
+            raise LocalProtocolError("the COPY is over (the server may have reported an error)")
+        self.conn._writer.write(codec.copy_data_header(len(data)) + data)
+
     async def done(self) -> None:
         """Send CopyDone (our side finished)."""
         codec = self.conn.codec
@@ -499,6 +507,10 @@ class ReplicationStream:
         """A standby status update ('r'); positions are the LSN after the last byte."""
         msg = StandbyStatusUpdate(write, flush, apply, pg_now() if time is None else time, reply)
         await self.copy.write(msg.encode())
+
+    def send_status_nowait(self, write: int, flush: int, apply: int, reply: bool = False) -> None:
+        """`send_status` without waiting for the socket to drain (34 bytes)."""
+        self.copy.write_nowait(StandbyStatusUpdate(write, flush, apply, pg_now(), reply).encode())
 
     async def send_hot_standby_feedback(self, feedback: HotStandbyFeedback) -> None:
         await self.copy.write(feedback.encode())

@@ -276,6 +276,18 @@ class Acceptor:
             self.persist()
         return self.append_response() if flush else None
 
+    def append_is_free(self, msg: AppendRequest) -> bool:
+        """Whether handling `msg` (flush variant) does no file I/O: no WAL, nothing unflushed, and
+        neither of the control-file triggers below (so it may run on the event loop)."""
+        h = msg.header
+        if msg.wal or h.term != self.term or self.wal.flush_lsn != self.wal.write_record_lsn:
+            return False
+        commit = min(max(h.commit_lsn, self.inmem.commit_lsn), self.wal.flush_lsn) if h.commit_lsn else 0
+        if self.state.commit_lsn < self.epoch_start_lsn <= commit:
+            return False
+        horizon = max(self.inmem.peer_horizon_lsn, h.truncate_lsn)
+        return horizon <= self.state.peer_horizon_lsn + self.state.server.wal_seg_size
+
     def _update_commit_lsn(self, candidate: int) -> None:
         new = Lsn(min(max(candidate, self.inmem.commit_lsn), self.wal.flush_lsn))
         # commit_lsn never decreases (the flush bound can be below it only right after an

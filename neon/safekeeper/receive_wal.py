@@ -1,12 +1,15 @@
 """`START_WAL_PUSH`: one proposer connection (spec safekeeper-and-broker §2.5.1, §2.5.2).
 
 After CopyBothResponse the first CopyData must be a ProposerGreeting; it creates the timeline if
-needed. Then three tasks run until the connection ends:
+needed. Then two tasks run until the connection ends:
 
     reader   CopyData → AcceptorProtocol.receive → inbound queue (256)
-    acceptor inbound queue → Timeline.process_batch (under the timeline lock, in a worker thread)
-             → outbound queue (16)
-    writer   outbound queue → CopyData
+    acceptor inbound queue → Timeline.process_batch (under the timeline lock; file I/O in a worker
+             thread) → each reply written at once
+
+Neon has a third task draining a 16-reply queue; here the socket's write buffer plays that role
+(a proposer that stops reading makes the acceptor wait in drain, as a full queue would), and the
+commit path saves a task hop.
 
 Group commit: the acceptor takes an AppendRequest and, without waiting, every further message
 already queued; the appends are written without fsync and followed by one fdatasync and one
@@ -43,7 +46,6 @@ from neon.utils.logging import get_logger
 log = get_logger("safekeeper.receive_wal")
 
 INBOUND_QUEUE = 256
-OUTBOUND_QUEUE = 16
 
 
 async def handle_wal_push(session: Session, timelines: Timelines, tenant_id: TenantId, timeline_id: TimelineId) -> None:
@@ -68,7 +70,6 @@ class WalPushConnection:
         self.proto = proto
         self.timeline = timeline
         self.inbound: asyncio.Queue[ProposerMessage | None] = asyncio.Queue(INBOUND_QUEUE)
-        self.outbound: asyncio.Queue[AcceptorMessage | None] = asyncio.Queue(OUTBOUND_QUEUE)
 
     async def run(self, greeting: ProposerGreeting) -> None:
         tl = self.timeline
@@ -77,11 +78,10 @@ class WalPushConnection:
         log.info("proposer connected", ttid=tl.ttid, conn=conn_id, peer=str(self.session.peer))
         try:
             for reply in await self._process([greeting]):
-                self.outbound.put_nowait(reply)
+                await self._send(reply)
             tasks = [
                 asyncio.create_task(self._read(), name=f"wal-push-read-{conn_id}"),
                 asyncio.create_task(self._accept(), name=f"wal-push-accept-{conn_id}"),
-                asyncio.create_task(self._write(), name=f"wal-push-write-{conn_id}"),
             ]
             try:
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
@@ -121,7 +121,6 @@ class WalPushConnection:
         while True:
             msg = await self.inbound.get()
             if msg is None:
-                await self.outbound.put(None)
                 return
             batch = [msg]
             ended = False
@@ -141,14 +140,9 @@ class WalPushConnection:
             if any(isinstance(m, ProposerElected) for m in batch):
                 self.timeline.set_walreceiver_streaming(self.session.id)
             for reply in await self._process(batch):
-                await self.outbound.put(reply)
+                await self._send(reply)
             if ended:
-                await self.outbound.put(None)
                 return
 
-    async def _write(self) -> None:
-        while True:
-            reply = await self.outbound.get()
-            if reply is None:
-                return
-            await self.stream.write(self.proto.send(reply))
+    async def _send(self, reply: AcceptorMessage) -> None:
+        await self.stream.write(self.proto.send(reply))

@@ -198,7 +198,12 @@ class Timeline:
         async with self.lock:
             self.check_usable()
             try:
-                replies = await asyncio.to_thread(self._run_batch, msgs)
+                if all(isinstance(m, AppendRequest) and self.acceptor.append_is_free(m) for m in msgs):
+                    # Heartbeats and commit-LSN broadcasts that touch no file: no thread hop.
+                    replies = self._run_batch(msgs)
+                else:
+                    # WAL writes, fsyncs, truncation and control-file writes: off the event loop.
+                    replies = await asyncio.to_thread(self._run_batch, msgs)
             finally:
                 self.notify()
         return [self.with_feedback(r) for r in replies]
