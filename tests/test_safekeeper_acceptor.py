@@ -202,6 +202,22 @@ def test_elected_sets_start_lsns_and_streaming_reports_flush(sk: Harness, pg_wal
     assert sk.acceptor.epoch == 1
 
 
+def test_greeting_of_another_system_is_refused_once_the_timeline_has_wal(sk: Harness, pg_wal: PgWal) -> None:  # noqa: F811
+    wal = pg_wal
+    a = sk.acceptor
+    a.process(greeting(system_id=1234))
+    a.process(greeting(system_id=5678))  # no WAL yet: adopted, as Neon does
+    assert sk.on_disk().server.system_id == 5678
+    elect(sk, 1, wal.start, TermHistory.of((1, wal.start)), wal.start)
+    stream(sk, appends(wal, wal.start, wal.start + 100000, term=1))
+    before = len(sk.persisted)
+    with pytest.raises(AcceptorError, match="system id mismatch"):
+        a.process(greeting(system_id=1234))
+    assert sk.on_disk().server.system_id == 5678 and len(sk.persisted) == before
+    a.process(greeting(system_id=0))  # sync-safekeepers: fine
+    a.process(greeting(system_id=5678))
+
+
 def test_commit_lsn_is_bounded_by_flush_and_never_decreases(sk: Harness, pg_wal: PgWal) -> None:  # noqa: F811
     wal = pg_wal
     a = sk.acceptor

@@ -18,8 +18,6 @@ from neon.broker.client import BrokerClient, BrokerError
 from neon.utils.lsn import Lsn
 
 from .connection_manager import (
-    BROKER_BACKOFF_BASE,
-    BROKER_BACKOFF_MAX,
     Connect,
     ConnectionManagerState,
     Disconnect,
@@ -40,6 +38,10 @@ if TYPE_CHECKING:
 
 
 log = structlog.get_logger("walreceiver.broker")
+
+# Neon's utils::backoff defaults, used for re-subscribing to the broker.
+BROKER_BACKOFF_BASE = 0.1
+BROKER_BACKOFF_MAX = 3.0
 
 
 # --- the asyncio driver --------------------------------------------------------------------------

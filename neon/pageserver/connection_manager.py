@@ -32,9 +32,6 @@ log = structlog.get_logger("walreceiver.connection_manager")
 RETRY_MIN_BACKOFF = 0.1
 RETRY_MAX_BACKOFF = 15.0
 RETRY_BACKOFF_MULTIPLIER = 1.5
-# Neon's utils::backoff defaults, used for re-subscribing to the broker.
-BROKER_BACKOFF_BASE = 0.1
-BROKER_BACKOFF_MAX = 3.0
 DEFAULT_SAFEKEEPER_PORT = 5432
 
 

@@ -176,6 +176,13 @@ class Acceptor:
             raise AcceptorError(f"invalid wal_seg_size, got {msg.wal_seg_size}, expected {server.wal_seg_size}")
         # A zero system id comes from sync-safekeepers and tells nothing; a real one is adopted.
         if msg.system_id != 0 and msg.system_id != server.system_id:
+            if server.system_id != 0 and self.wal.flush_lsn > 0:
+                # Deviation from Neon, which overwrites and warns: WAL of two database systems in
+                # one timeline cannot be right (a compute of another cluster pointed here).
+                raise AcceptorError(
+                    f"system id mismatch: the proposer's system is {msg.system_id}, this timeline holds WAL"
+                    f" of system {server.system_id}"
+                )
             if server.system_id != 0:
                 log.warning(
                     "changing system_id in the control file",
