@@ -292,3 +292,25 @@ async def test_pageserver_switches_safekeeper_when_its_source_stops(env: Storage
     check = await env.started("check", tenant, MAIN)
     assert check.safe_psql("SELECT count(*), sum(i) FROM s") == [(5001, 5000 * 5001 // 2)]
     await check.stop()
+
+
+async def test_safekeeper_away_longer_than_the_spool_catches_up(env: StorageEnv) -> None:
+    """With a 64 KiB spool, a safekeeper that missed ~1 MB of WAL gets it over a catch-up
+    connection to the compute; afterwards its WAL is identical to the others'."""
+    tenant = await new_timeline(env)
+    sk1, _, sk3 = env.safekeepers
+    ep = await env.started("ep", tenant, MAIN, proposer_args=["--max-spool-mb", "0.0625"])
+    ep.safe_psql("CREATE TABLE c (i int, pad text)")
+    sk3.kill()
+    ep.safe_psql("INSERT INTO c SELECT g, repeat('x', 200) FROM generate_series(1, 5000) g")
+    end = ep.current_flush_lsn()
+    assert end - flush_lsn(sk1, tenant) < 1000  # (sk1 has it all; sk3 is far behind)
+    sk3.start()
+    await sk3.wait_ready()
+    await wait_until("sk3 to catch up", lambda: flush_lsn(sk3, tenant) >= end)
+    assert "catching up" in ep.proposer_log.read_text()
+    st = sk1.timeline_status(tenant, MAIN)
+    assert st is not None
+    start, final = Lsn.parse(st["timeline_start_lsn"]), flush_lsn(sk3, tenant)
+    assert timeline_wal(sk3, tenant, start, final) == timeline_wal(sk1, tenant, start, final)
+    await ep.stop()

@@ -81,6 +81,7 @@ class Endpoint:
         distrib: PgDistrib | None = None,
         user: PostgresUser | None = None,
         safekeepers: Sequence[str] | None = None,
+        proposer_args: Sequence[str] = (),
     ) -> None:
         self.workdir = Path(workdir)
         self.tenant_id = str(tenant_id)
@@ -98,6 +99,7 @@ class Endpoint:
         self.basebackup_lsn: Lsn | None = None
         """The LSN the basebackup was taken at (the start of its synthesized shutdown checkpoint)."""
         self.safekeepers = list(safekeepers or [])
+        self.proposer_args = list(proposer_args)  # more `neon-walproposer` flags (normal mode)
         self.proposer: subprocess.Popen[bytes] | None = None
         self.proposer_log = self.workdir / "walproposer.log"
 
@@ -302,6 +304,7 @@ class Endpoint:
         extra = ["--pg-host", str(self.sockdir), "--pg-port", str(self.pg_port), "--pg-user", SUPERUSER]
         if lsn is not None:
             extra += ["--basebackup-lsn", str(lsn)]
+        extra += self.proposer_args
         with open(self.proposer_log, "ab") as logf:
             self.proposer = subprocess.Popen(self._proposer_argv(*extra), stdout=logf, stderr=logf)
 

@@ -55,6 +55,7 @@ from neon.safekeeper.protocol import (
 from neon.utils.id import TenantId, TimelineId
 from neon.utils.lsn import Lsn
 
+from .catchup import CatchUpReader
 from .election import Election, ElectionResult, NewerTermSeen, VoteRefused, quorum_lsn, start_streaming_at
 from .wal_spool import WalSpool
 
@@ -62,6 +63,7 @@ log = structlog.get_logger("walproposer")
 
 APPLICATION_NAME = "walproposer"
 RECOVERY_APPLICATION_NAME = "wal_proposer_recovery"
+CATCHUP_APPLICATION_NAME = "walproposer_catchup"  # never the synchronous standby's name
 SLOT_NAME = "wal_proposer_slot"
 DEFAULT_WAL_SEG_SIZE = 16 * 1024 * 1024
 PG_TLI = 1
@@ -123,6 +125,9 @@ class ProposerConf:
     connect_timeout: float = 10.0  # neon.safekeeper_connect_timeout
     auth_token: str | None = None  # NEON_AUTH_TOKEN
     slot_name: str | None = SLOT_NAME
+    # The spool keeps at most this much WAL; a safekeeper further behind catches up over its own
+    # replication connection (`catchup`).
+    max_spool_bytes: int = 256 * 1024 * 1024
 
 
 @dataclass
@@ -136,6 +141,7 @@ class Safekeeper:
     commit_lsn: Lsn = LSN_ZERO  # last reported persisted commit LSN
     streaming_at: Lsn = LSN_ZERO
     sent_commit_lsn: Lsn = LSN_ZERO  # the commit LSN the last AppendRequest sent to it carried
+    catchup: CatchUpReader | None = None  # while it needs WAL older than the spool holds
     feedback: PageserverFeedback | None = None
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     connects: int = 0
@@ -272,6 +278,8 @@ class _Term:
                     if msg.data:
                         self.spool.append(msg.wal_start, msg.data)
                         self.available_lsn = self.spool.end_lsn
+                        if len(self.spool) > self.conf.max_spool_bytes:
+                            self.spool.trim(self.spool.end_lsn - self.conf.max_spool_bytes)
                         self._wake_all()
                 elif isinstance(msg, PrimaryKeepalive) and msg.reply_requested:
                     self._report(force=True)
@@ -471,6 +479,7 @@ class _Term:
             try:
                 await self._stream_to(sk, send, reader)
             finally:
+                await self._end_catch_up(sk)
                 reader.cancel()
                 with contextlib.suppress(BaseException):
                     await reader
@@ -503,7 +512,14 @@ class _Term:
             sk.wake.clear()
             sent = False
             while sk.streaming_at < self.available_lsn:
-                data = self.spool.read(sk.streaming_at, MAX_SEND_SIZE)
+                if sk.streaming_at < self.spool.start_lsn:
+                    data = await self._catch_up(sk).read(
+                        sk.streaming_at, min(MAX_SEND_SIZE, self.spool.start_lsn - sk.streaming_at)
+                    )
+                else:
+                    if sk.catchup is not None:
+                        await self._end_catch_up(sk)
+                    data = self.spool.read(sk.streaming_at, MAX_SEND_SIZE)
                 if not data:
                     break
                 await send(self._append(sk, result, sk.streaming_at, data))
@@ -523,6 +539,36 @@ class _Term:
             )
             if waiter not in done:
                 waiter.cancel()
+
+    def _catch_up(self, sk: Safekeeper) -> CatchUpReader:
+        if sk.catchup is None:
+            result = self.result
+            assert result is not None
+            if self.conf.pg_host is not None and sk.streaming_at >= result.epoch_start_lsn:
+                # WAL of this term: the compute keeps it (the retention slot is at truncateLsn).
+                sk.catchup = CatchUpReader(
+                    self.conf.pg_host,
+                    self.conf.pg_port,
+                    user=self.conf.pg_user,
+                    application_name=CATCHUP_APPLICATION_NAME,
+                    connect_timeout=self.conf.connect_timeout,
+                )
+            else:
+                donor = self.sks[result.donor].addr
+                sk.catchup = CatchUpReader(
+                    donor.host,
+                    donor.port,
+                    application_name=RECOVERY_APPLICATION_NAME,
+                    options=self.p.options(),
+                    connect_timeout=self.conf.connect_timeout,
+                )
+            log.info("catching up", safekeeper=str(sk.addr), start=str(sk.streaming_at), source=str(sk.catchup))
+        return sk.catchup
+
+    async def _end_catch_up(self, sk: Safekeeper) -> None:
+        reader, sk.catchup = sk.catchup, None
+        if reader is not None:
+            await reader.close()
 
     def _append(self, sk: Safekeeper, result: ElectionResult, begin: Lsn, data: bytes) -> AppendRequest:
         sk.sent_commit_lsn = self.quorum

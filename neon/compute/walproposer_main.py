@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--pg-version", type=int, default=150000, help="server_version_num sent in sync mode")
     ap.add_argument("--reconnect-timeout-ms", type=int, default=1000)
     ap.add_argument("--connect-timeout-ms", type=int, default=10000)
+    ap.add_argument(
+        "--max-spool-mb", type=float, default=256, help="WAL kept in memory for lagging safekeepers (older: catch-up)"
+    )
     ap.add_argument("--log-format", choices=["json", "plain"], default="json")
     return ap
 
@@ -54,6 +57,7 @@ def conf_from_args(args: argparse.Namespace) -> ProposerConf:
         pg_version=args.pg_version,
         reconnect_timeout=args.reconnect_timeout_ms / 1000,
         connect_timeout=args.connect_timeout_ms / 1000,
+        max_spool_bytes=int(args.max_spool_mb * 1024 * 1024),
     )
 
 
