@@ -523,3 +523,46 @@ async def test_publishes_to_broker(broker: object, broker_sk: Safekeeper, pg_wal
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await client.close()
+
+
+async def test_learns_commit_lsn_from_a_peer_in_the_same_epoch(
+    broker: object,
+    broker_sk: Safekeeper,
+    pg_wal: PgWal,  # noqa: F811
+) -> None:
+    """Spec §5.5: a peer's commit LSN published through the broker advances ours, but only when
+    the peer is in our epoch, and never beyond our flush LSN."""
+    wal = pg_wal
+    p, s = await stream_wal(broker_sk.pg_port, wal)
+    await wait_status(broker_sk, "commit_lsn", str(s.commit))
+    client = BrokerClient(broker.endpoint)  # type: ignore[attr-defined]
+
+    def peer(last_log_term: int, commit: int) -> SafekeeperTimelineInfo:
+        return SafekeeperTimelineInfo(
+            safekeeper_id=2,
+            tenant_id=TENANT,
+            timeline_id=TIMELINE,
+            term=last_log_term,
+            last_log_term=last_log_term,
+            flush_lsn=Lsn(commit),
+            commit_lsn=Lsn(commit),
+            safekeeper_connstr="127.0.0.1:1",
+        )
+
+    async def publish(info: SafekeeperTimelineInfo) -> None:
+        async def once():  # type: ignore[no-untyped-def]
+            yield info
+
+        await client.publish(once())
+
+    try:
+        mid = Lsn(wal.last_end_at_or_before(wal.start + 650000))
+        assert s.commit < mid < s.flush
+        await publish(peer(2, s.flush))  # another epoch: ignored ...
+        await publish(peer(1, mid))  # ... else commit_lsn could not be `mid` now (it never goes back)
+        await wait_status(broker_sk, "commit_lsn", str(mid))
+        await publish(peer(1, s.flush + 1_000_000))  # bounded by our flush
+        await wait_status(broker_sk, "commit_lsn", str(s.flush))
+    finally:
+        await p.close()
+        await client.close()

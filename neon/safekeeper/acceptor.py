@@ -309,6 +309,25 @@ class Acceptor:
         """A commit position learnt elsewhere (a peer in the same epoch): bounded by flush_lsn."""
         self._update_commit_lsn(candidate)
 
+    def record_peer_info(
+        self, *, commit_lsn: int, last_log_term: int, backup_lsn: int, remote_consistent_lsn: int, peer_horizon_lsn: int
+    ) -> None:
+        """What a peer published (spec §5.5 steps 1-4): its commit LSN counts only within our
+        epoch; the other positions only move forward; persisted when they got a segment ahead."""
+        m = self.inmem
+        m.remote_consistent_lsn = Lsn(max(m.remote_consistent_lsn, remote_consistent_lsn))
+        if commit_lsn and last_log_term and last_log_term == self.epoch:
+            self._update_commit_lsn(commit_lsn)
+        m.backup_lsn = Lsn(max(m.backup_lsn, backup_lsn))
+        m.peer_horizon_lsn = Lsn(max(m.peer_horizon_lsn, peer_horizon_lsn))
+        seg, st = self.state.server.wal_seg_size, self.state
+        if (
+            m.backup_lsn > st.backup_lsn + seg
+            or m.remote_consistent_lsn > st.remote_consistent_lsn + seg
+            or m.peer_horizon_lsn > st.peer_horizon_lsn + seg
+        ):
+            self.persist()
+
     # --- flush after a batch ----------------------------------------------------------------
     def flush(self) -> AppendResponse:
         """fdatasync what the batch wrote, advance flush_lsn, and produce the one reply."""

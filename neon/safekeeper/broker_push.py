@@ -1,12 +1,15 @@
-"""Publishing this safekeeper's timeline state to the storage broker (spec safekeeper-and-broker
-§5.5): one long-lived publish stream; once a second, one `SafekeeperTimelineInfo` per *active*
-timeline (inactive ones are not published at all).
+"""This safekeeper and the storage broker (spec safekeeper-and-broker §5.5).
 
-If the broker is down or the stream breaks, the pusher waits (1 s, doubling up to 10 s, reset
-after a stream that lived long enough) and reconnects. It runs as its own task and never touches
-the timeline lock, so it cannot hold up WAL service.
+`BrokerPusher` publishes: one long-lived publish stream; once a second, one
+`SafekeeperTimelineInfo` per *active* timeline (inactive ones are not published at all). It never
+touches the timeline lock, so it cannot hold up WAL service.
 
-Consuming broker messages (commit propagation between peers) is not implemented.
+`BrokerPuller` consumes: one subscription to all timelines; a message about a timeline loaded
+here feeds `Timeline.record_peer_info` (a peer's commit LSN in the same epoch, its backup,
+remote-consistent and horizon LSNs), so a safekeeper learns commit positions without a compute.
+
+Both reconnect after a failure, waiting 1 s, doubling up to 10 s (reset after a stream that lived
+long enough).
 """
 
 from __future__ import annotations
@@ -86,6 +89,46 @@ class BrokerPusher:
                 raise
             except Exception as e:
                 log.warning("broker publish failed", endpoint=self.endpoint, error=str(e), retry_in=delay)
+            finally:
+                with contextlib.suppress(Exception):
+                    await client.close()
+            if loop.time() - started > 2 * RETRY_MAX:
+                delay = RETRY_MIN
+            await asyncio.sleep(delay)  # reconnect back-off
+            delay = min(delay * 2, RETRY_MAX)
+
+
+class BrokerPuller:
+    def __init__(
+        self,
+        endpoint: str,
+        timelines: Timelines,
+        *,
+        client_factory: Callable[[str], BrokerClient] = BrokerClient,
+    ) -> None:
+        self.endpoint = endpoint
+        self.timelines = timelines
+        self.client_factory = client_factory
+        self.received = 0  # messages about timelines loaded here (metrics)
+
+    async def run(self) -> None:
+        """Consume forever (until cancelled)."""
+        loop = asyncio.get_running_loop()
+        delay = RETRY_MIN
+        while True:
+            started = loop.time()
+            client = self.client_factory(self.endpoint)
+            try:
+                async for info in client.subscribe():
+                    tl = self.timelines.find(info.tenant_id, info.timeline_id)
+                    if tl is None or tl.cancelled:
+                        continue  # not a timeline of ours
+                    self.received += 1
+                    await tl.record_peer_info(info)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("broker subscription failed", endpoint=self.endpoint, error=str(e), retry_in=delay)
             finally:
                 with contextlib.suppress(Exception):
                     await client.close()

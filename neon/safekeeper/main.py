@@ -26,7 +26,7 @@ from aiohttp import web
 
 from neon.pq.server import PqServer
 from neon.safekeeper import control_file
-from neon.safekeeper.broker_push import AdvertisedAddresses, BrokerPusher
+from neon.safekeeper.broker_push import AdvertisedAddresses, BrokerPuller, BrokerPusher
 from neon.safekeeper.control_file import ControlFileError
 from neon.safekeeper.http import HttpContext, make_app
 from neon.safekeeper.timeline import Timelines
@@ -172,6 +172,7 @@ async def serve(args: argparse.Namespace, datadir: Path, node_id: int, timelines
         availability_zone=args.availability_zone,
     )
     pusher = BrokerPusher(args.broker_endpoint, timelines, node_id=node_id, addresses=addresses)
+    puller = BrokerPuller(args.broker_endpoint, timelines)
     ctx = HttpContext(
         node_id=node_id, timelines=timelines, wal_service_stats=stats, broker_pushed=lambda: pusher.pushed
     )
@@ -185,14 +186,17 @@ async def serve(args: argparse.Namespace, datadir: Path, node_id: int, timelines
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    push_task: asyncio.Task[None] | None = None
+    broker_tasks: list[asyncio.Task[None]] = []
     try:
         http_host, http_port = _host_port(args.listen_http)
         await web.TCPSite(runner, http_host, http_port, reuse_address=True).start()
         for server, addr in zip(pg_servers, [args.listen_pg, args.listen_pg_tenant_only], strict=False):
             host, port = _host_port(addr)
             await server.start(host, port)
-        push_task = asyncio.create_task(pusher.run(), name="broker-push")
+        broker_tasks = [
+            asyncio.create_task(pusher.run(), name="broker-push"),
+            asyncio.create_task(puller.run(), name="broker-pull"),
+        ]
         log.info(
             "safekeeper started",
             id=node_id,
@@ -206,10 +210,10 @@ async def serve(args: argparse.Namespace, datadir: Path, node_id: int, timelines
         await stop.wait()
         log.info("shutting down")
     finally:
-        if push_task is not None:
-            push_task.cancel()
+        for task in broker_tasks:
+            task.cancel()
             with contextlib.suppress(BaseException):
-                await push_task
+                await task
         for server in pg_servers:
             await server.stop(grace=2.0)
         await runner.cleanup()

@@ -362,6 +362,25 @@ class Timeline:
             or inmem.remote_consistent_lsn < inmem.commit_lsn
         )
 
+    async def record_peer_info(self, info: SafekeeperTimelineInfo) -> None:
+        """A broker message about this timeline (a peer's, or our own echo): see
+        `Acceptor.record_peer_info`; walsenders learn a new commit LSN at once."""
+        async with self.lock:
+            if self.cancelled:
+                return
+            before = self.acceptor.commit_lsn
+            # It may persist the control file: off the event loop.
+            await asyncio.to_thread(
+                self.acceptor.record_peer_info,
+                commit_lsn=info.commit_lsn,
+                last_log_term=info.last_log_term,
+                backup_lsn=info.backup_lsn,
+                remote_consistent_lsn=info.remote_consistent_lsn,
+                peer_horizon_lsn=info.peer_horizon_lsn,
+            )
+            if self.acceptor.commit_lsn != before:
+                self.notify()
+
     def broker_info(
         self, *, node_id: int, pg_connstr: str, http_connstr: str, availability_zone: str | None
     ) -> SafekeeperTimelineInfo:
