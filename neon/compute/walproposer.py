@@ -152,12 +152,11 @@ class Safekeeper:
 class _Term:
     """One election and the streaming under its term."""
 
-    def __init__(self, proposer: WalProposer, previous_terms: int) -> None:
+    def __init__(self, proposer: WalProposer) -> None:
         self.p = proposer
         conf = proposer.conf
         self.conf = conf
         self.election = Election(len(conf.safekeepers))
-        self.min_term = previous_terms
         self.sks = [Safekeeper(i, a) for i, a in enumerate(conf.safekeepers)]
         self.term_chosen = asyncio.Event()
         self.elected = asyncio.Event()
@@ -690,7 +689,7 @@ class WalProposer:
         if self.conf.pg_host is not None:
             raise ValueError("sync_safekeepers runs without a compute (pg_host=None)")
         while True:
-            term = _Term(self, self.last_term)
+            term = _Term(self)
             self.current = term
             try:
                 lsn = await term.run()
@@ -715,7 +714,7 @@ class WalProposer:
     async def _run_terms(self) -> None:
         await self._ensure_slot()
         while not self.stopping.is_set():
-            term = _Term(self, self.last_term)
+            term = _Term(self)
             self.current = term
             self.terms_run += 1
             try:
@@ -765,7 +764,11 @@ class WalProposer:
             raise
 
     def status(self) -> dict[str, object]:
-        return {"terms_run": self.terms_run, **(self.current.status() if self.current else {})}
+        return {
+            "terms_run": self.terms_run,
+            "last_term": self.last_term,
+            **(self.current.status() if self.current else {}),
+        }
 
 
 __all__ = [
