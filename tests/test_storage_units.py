@@ -3,6 +3,7 @@ modifications and relation sizes, ingest arithmetic, key-space partitioning, and
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -322,3 +323,24 @@ async def test_a_record_failing_half_way_leaves_no_trace(tmp_path: Path) -> None
     await ingest.ingest_batch([(0x100, 0x108, good)], mod)
     stored = CheckPoint.unpack(tl.get_checkpoint(0x108))
     assert stored.next_oid == 24000 and stored.next_xid == 1024  # xid 0 rounds up; nothing of xid 5000
+
+
+def test_scratch_roots_of_dead_pageservers_are_removed(tmp_path: Path) -> None:
+    """A SIGKILLed pageserver leaves its walredo/initdb scratch roots behind; the next one removes
+    them (and only them) when it makes its own."""
+    import subprocess
+    import sys
+
+    from neon.pageserver.tenant_manager import _traversable_dir
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    prefix = "neon-pageserver-walredo-"
+    stale = tmp_path / f"{prefix}{dead.pid}-abc"
+    live = tmp_path / f"{prefix}{os.getpid()}-def"
+    foreign = tmp_path / f"{prefix}oldstyle"
+    for d in (stale, live, foreign):
+        d.mkdir()
+    new = _traversable_dir(tmp_path, prefix)
+    assert not stale.exists() and live.exists() and foreign.exists()
+    assert new.name.startswith(f"{prefix}{os.getpid()}-") and new.stat().st_mode & 0o777 == 0o755

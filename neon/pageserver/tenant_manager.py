@@ -123,10 +123,33 @@ class TenantSlot:
 
 
 def _traversable_dir(parent: Path, prefix: str) -> Path:
+    """A fresh scratch root `<prefix><pid>-<random>` under `parent`; roots left by processes that
+    died without cleaning up (SIGKILL) are removed first, so restarts do not pile them up."""
+    _remove_stale_roots(parent, prefix)
     # The Postgres user (not us, when we are root) must be able to reach the directories below.
-    root = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    root = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
     root.chmod(0o755)
     return root
+
+
+def _remove_stale_roots(parent: Path, prefix: str) -> None:
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return
+    for entry in entries:
+        if not entry.name.startswith(prefix):
+            continue
+        pid_text, sep, _ = entry.name[len(prefix) :].partition("-")
+        if not sep or not pid_text.isdigit():
+            continue  # not one of ours (or from before roots carried their pid)
+        try:
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry.path, ignore_errors=True)
+            log.info("removed a scratch directory left by a dead pageserver", path=entry.path)
+        except PermissionError:
+            pass  # alive, another user's
 
 
 class TenantManager:
