@@ -53,6 +53,7 @@ from neon.postgres.controlfile import ControlFileData, WalLevel
 from neon.postgres.pg_distrib import PgDistrib, PostgresUser
 from neon.pq.client import connect
 from neon.utils.lsn import Lsn
+from neon.utils.pidfile import process_alive
 
 log = structlog.get_logger("compute")
 
@@ -82,6 +83,7 @@ class Endpoint:
         user: PostgresUser | None = None,
         safekeepers: Sequence[str] | None = None,
         proposer_args: Sequence[str] = (),
+        listen_addresses: str = "",
     ) -> None:
         self.workdir = Path(workdir)
         self.tenant_id = str(tenant_id)
@@ -100,6 +102,9 @@ class Endpoint:
         """The LSN the basebackup was taken at (the start of its synthesized shutdown checkpoint)."""
         self.safekeepers = list(safekeepers or [])
         self.proposer_args = list(proposer_args)  # more `neon-walproposer` flags (normal mode)
+        # The proposer's pid, so that a later process (a CLI invocation) can stop it.
+        self.proposer_pid_file = self.workdir / "walproposer.pid"
+        self.listen_addresses = listen_addresses  # TCP besides the unix socket ('' = socket only)
         self.proposer: subprocess.Popen[bytes] | None = None
         self.proposer_log = self.workdir / "walproposer.log"
 
@@ -236,7 +241,7 @@ class Endpoint:
 
         lines = [
             "# Written by neon.compute.endpoint: a primary streaming its WAL to the pageserver.",
-            "listen_addresses = ''",
+            f"listen_addresses = '{self.listen_addresses}'",
             f"unix_socket_directories = '{self.sockdir}'",
             f"port = {self.pg_port}",
             # The pg_control parameters, as recorded by the timeline's initdb: any change would be
@@ -306,7 +311,11 @@ class Endpoint:
             extra += ["--basebackup-lsn", str(lsn)]
         extra += self.proposer_args
         with open(self.proposer_log, "ab") as logf:
-            self.proposer = subprocess.Popen(self._proposer_argv(*extra), stdout=logf, stderr=logf)
+            # Its own session: it outlives a terminal's Ctrl-C, and the command that started it.
+            self.proposer = subprocess.Popen(
+                self._proposer_argv(*extra), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True
+            )
+        self.proposer_pid_file.write_text(f"{self.proposer.pid}\n")
 
     async def wait_proposer_streaming(self, timeout: float = 60.0) -> None:
         """Until Postgres streams to the proposer as its synchronous standby: the proposer won an
@@ -327,35 +336,40 @@ class Endpoint:
             await asyncio.sleep(0.05)  # the election runs in another process: poll its visible effect
 
     def stop_proposer(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        """Stop the proposer (ours, or one an earlier process started: found by its pid file);
+        its exit status when it was our child."""
         proc, self.proposer = self.proposer, None
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(sig)
         try:
-            return proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            return proc.wait()
+            if proc is not None:
+                if proc.poll() is None:
+                    proc.send_signal(sig)
+                try:
+                    return proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    return proc.wait()
+            pid = self.proposer_pid()
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+                deadline = time.monotonic() + timeout
+                while process_alive(pid, "walproposer"):
+                    if time.monotonic() > deadline:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+                        break
+                    time.sleep(0.05)  # not our child: nothing to wait on but its /proc entry
+            return None
+        finally:
+            self.proposer_pid_file.unlink(missing_ok=True)
 
-    async def attach_wal_source(self) -> None:
-        """Point the pageserver's WAL receiver for this timeline at the compute's socket."""
-        connstr = f"host={self.sockdir} port={self.pg_port} user={SUPERUSER}"
-        await self._put_wal_source(connstr)
-        self.wal_source_attached = True
-
-    async def detach_wal_source(self) -> None:
-        await self._put_wal_source(None)
-        self.wal_source_attached = False
-
-    async def _put_wal_source(self, connstr: str | None) -> None:
-        status, body = await self.http("PUT", f"{self._timeline_path}/wal_source", {"connstr": connstr})
-        if status == 404 and isinstance(body, dict) and body.get("msg") == "page not found":
-            raise WalSourceUnavailable(
-                "the pageserver has no PUT /v1/tenant/{tenant_id}/timeline/{timeline_id}/wal_source route"
-            )
-        if status not in (200, 201, 204):
-            raise EndpointError(f"PUT wal_source {connstr!r} failed: {status} {body}")
+    def proposer_pid(self) -> int | None:
+        """The running proposer's pid from the pid file (None when none runs)."""
+        try:
+            pid = int(self.proposer_pid_file.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        return pid if process_alive(pid, "walproposer") else None
 
     async def stop(self, mode: str = "fast", *, timeout: float = 60.0) -> None:
         """Stop Postgres; with a WAL source attached, wait for the pageserver to ingest the
@@ -396,7 +410,8 @@ class Endpoint:
 
     # --- clients -----------------------------------------------------------------------------------
     def connstr(self, dbname: str = "postgres") -> str:
-        return f"host={self.sockdir} port={self.pg_port} user={SUPERUSER} dbname={dbname}"
+        host = self.listen_addresses.split(",")[0].strip() if self.listen_addresses else str(self.sockdir)
+        return f"host={host} port={self.pg_port} user={SUPERUSER} dbname={dbname}"
 
     def connect(self, dbname: str = "postgres", autocommit: bool = True) -> psycopg.Connection[Any]:
         return psycopg.connect(self.connstr(dbname), autocommit=autocommit)

@@ -1,5 +1,6 @@
-"""A daemon's pid file, locked (fcntl) for the daemon's lifetime: a second daemon on the same
-directory is refused with a clear message naming the holder's pid."""
+"""Pid files: a daemon's, locked (fcntl) for its lifetime so a second daemon on the same directory
+is refused with a clear message naming the holder's pid; and `process_alive` for plain pid files
+of processes started by an earlier command."""
 
 from __future__ import annotations
 
@@ -35,3 +36,14 @@ class PidFile:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def process_alive(pid: int, cmdline_contains: str) -> bool:
+    """`pid` exists, is not a zombie, and runs the expected program (a recycled pid does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    state = stat.rsplit(")", 1)[-1].split()[0]
+    return state != "Z" and cmdline_contains in cmdline
