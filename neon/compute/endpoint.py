@@ -371,6 +371,25 @@ class Endpoint:
             return None
         return pid if process_alive(pid, "walproposer") else None
 
+    async def attach_wal_source(self) -> None:
+        """Point the pageserver's WAL receiver for this timeline at the compute's socket."""
+        connstr = f"host={self.sockdir} port={self.pg_port} user={SUPERUSER}"
+        await self._put_wal_source(connstr)
+        self.wal_source_attached = True
+
+    async def detach_wal_source(self) -> None:
+        await self._put_wal_source(None)
+        self.wal_source_attached = False
+
+    async def _put_wal_source(self, connstr: str | None) -> None:
+        status, body = await self.http("PUT", f"{self._timeline_path}/wal_source", {"connstr": connstr})
+        if status == 404 and isinstance(body, dict) and body.get("msg") == "page not found":
+            raise WalSourceUnavailable(
+                "the pageserver has no PUT /v1/tenant/{tenant_id}/timeline/{timeline_id}/wal_source route"
+            )
+        if status not in (200, 201, 204):
+            raise EndpointError(f"PUT wal_source {connstr!r} failed: {status} {body}")
+
     async def stop(self, mode: str = "fast", *, timeout: float = 60.0) -> None:
         """Stop Postgres; with a WAL source attached, wait for the pageserver to ingest the
         shutdown checkpoint (not in "immediate" mode, which writes none), then detach it."""
