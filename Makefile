@@ -2,10 +2,16 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint bench clean
+.PHONY: setup run stop test lint bench clean
 
 setup:
 	bash scripts/setup.sh
+
+run: setup
+	bash scripts/run.sh
+
+stop:
+	NEON_REPO_DIR=$${NEON_REPO_DIR:-$(CURDIR)/.neon} $(PY) -m neon.control_plane stop
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
