@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from neon.broker.client import BrokerClient, SafekeeperTimelineInfo
@@ -77,25 +77,12 @@ class BrokerPusher:
 
     async def run(self) -> None:
         """Publish forever (until cancelled)."""
-        loop = asyncio.get_running_loop()
-        delay = RETRY_MIN
-        while True:
-            started = loop.time()
-            client = self.client_factory(self.endpoint)
-            try:
-                await client.publish(self._messages())
-                log.warning("broker publish stream ended", endpoint=self.endpoint)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                log.warning("broker publish failed", endpoint=self.endpoint, error=str(e), retry_in=delay)
-            finally:
-                with contextlib.suppress(Exception):
-                    await client.close()
-            if loop.time() - started > 2 * RETRY_MAX:
-                delay = RETRY_MIN
-            await asyncio.sleep(delay)  # reconnect back-off
-            delay = min(delay * 2, RETRY_MAX)
+
+        async def publish(client: BrokerClient) -> None:
+            await client.publish(self._messages())
+            log.warning("broker publish stream ended", endpoint=self.endpoint)
+
+        await _with_reconnects(self.endpoint, self.client_factory, "publish", publish)
 
 
 class BrokerPuller:
@@ -113,26 +100,40 @@ class BrokerPuller:
 
     async def run(self) -> None:
         """Consume forever (until cancelled)."""
-        loop = asyncio.get_running_loop()
-        delay = RETRY_MIN
-        while True:
-            started = loop.time()
-            client = self.client_factory(self.endpoint)
-            try:
-                async for info in client.subscribe():
-                    tl = self.timelines.find(info.tenant_id, info.timeline_id)
-                    if tl is None or tl.cancelled:
-                        continue  # not a timeline of ours
-                    self.received += 1
-                    await tl.record_peer_info(info)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                log.warning("broker subscription failed", endpoint=self.endpoint, error=str(e), retry_in=delay)
-            finally:
-                with contextlib.suppress(Exception):
-                    await client.close()
-            if loop.time() - started > 2 * RETRY_MAX:
-                delay = RETRY_MIN
-            await asyncio.sleep(delay)  # reconnect back-off
-            delay = min(delay * 2, RETRY_MAX)
+
+        async def consume(client: BrokerClient) -> None:
+            async for info in client.subscribe():
+                tl = self.timelines.find(info.tenant_id, info.timeline_id)
+                if tl is None or tl.cancelled:
+                    continue  # not a timeline of ours
+                self.received += 1
+                await tl.record_peer_info(info)
+
+        await _with_reconnects(self.endpoint, self.client_factory, "subscription", consume)
+
+
+async def _with_reconnects(
+    endpoint: str,
+    client_factory: Callable[[str], BrokerClient],
+    what: str,
+    body: Callable[[BrokerClient], Awaitable[None]],
+) -> None:
+    """Run `body` with a fresh client forever, backing off after each failure or end."""
+    loop = asyncio.get_running_loop()
+    delay = RETRY_MIN
+    while True:
+        started = loop.time()
+        client = client_factory(endpoint)
+        try:
+            await body(client)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.warning(f"broker {what} failed", endpoint=endpoint, error=str(e), retry_in=delay)
+        finally:
+            with contextlib.suppress(Exception):
+                await client.close()
+        if loop.time() - started > 2 * RETRY_MAX:
+            delay = RETRY_MIN
+        await asyncio.sleep(delay)  # reconnect back-off
+        delay = min(delay * 2, RETRY_MAX)
