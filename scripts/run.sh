@@ -21,7 +21,7 @@ ensure() {
 }
 
 if [ ! -f "$NEON_REPO_DIR/config" ]; then
-    nl init --config deploy/neon_local.toml
+    nl init --config "${NEON_LOCAL_CONFIG:-deploy/neon_local.toml}"
 fi
 ensure storage_broker start
 ensure pageserver start
