@@ -314,3 +314,17 @@ async def test_safekeeper_away_longer_than_the_spool_catches_up(env: StorageEnv)
     start, final = Lsn.parse(st["timeline_start_lsn"]), flush_lsn(sk3, tenant)
     assert timeline_wal(sk3, tenant, start, final) == timeline_wal(sk1, tenant, start, final)
     await ep.stop()
+
+
+async def test_tenants_bootstrap_while_the_broker_client_streams(env: StorageEnv) -> None:
+    """Regression: with the pageserver's broker subscription receiving safekeeper updates (a
+    compute runs), gRPC's fork handlers crashed the forked initdb of the next timeline (HTTP 500,
+    initdb exit -11)."""
+    tenant = await new_timeline(env)
+    ep = await env.started("ep", tenant, MAIN)
+    ep.safe_psql("CREATE TABLE x (i int); INSERT INTO x VALUES (1)")
+    await env.wait_for_last_record_lsn(tenant, MAIN, ep.current_flush_lsn())
+    for _ in range(3):
+        other = await env.create_tenant()
+        await env.create_timeline(other, MAIN)
+    await ep.stop()

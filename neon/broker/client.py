@@ -13,9 +13,15 @@ any failure, and so should ours.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit
+
+# Before grpc is first imported: its fork handlers crashed children the daemons fork to exec
+# (initdb, postgres) while gRPC threads ran (a segfault in cygrpc, initdb "exit -11"). Our
+# children never use gRPC, so the handlers have nothing to do.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import grpc
 import structlog
