@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,6 +27,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def http_json(port: int, method: str, path: str, body: object | None = None) -> tuple[int, Any]:
+    """(status, decoded JSON body) of a request to a daemon's HTTP API on 127.0.0.1:`port`; a
+    body that is not JSON comes back as text."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method)
+    req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=TIMEOUT) as resp:
+            raw = resp.read()
+            return resp.status, json.loads(raw) if raw else None
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        try:
+            return e.code, json.loads(raw) if raw else None
+        except ValueError:
+            return e.code, raw.decode(errors="replace")
 
 
 class Daemon:
@@ -62,15 +81,7 @@ class Daemon:
         self.proc = subprocess.Popen(self.cmd(), stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
 
     def http(self, method: str, path: str, body: object | None = None) -> tuple[int, object]:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data, method=method)
-        req.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(req, timeout=TIMEOUT) as resp:
-                raw = resp.read()
-                return resp.status, json.loads(raw) if raw else None
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read() or b"null")
+        return http_json(self.http_port, method, path, body)
 
     async def wait_ready(self) -> None:
         """Until /v1/status answers (the daemon is up), failing if the process exits."""
