@@ -55,7 +55,7 @@ from neon.safekeeper.protocol import (
 from neon.utils.id import TenantId, TimelineId
 from neon.utils.lsn import Lsn
 
-from .catchup import CatchUpReader
+from .catchup import CatchUpError, CatchUpReader
 from .election import Election, ElectionResult, NewerTermSeen, VoteRefused, quorum_lsn, start_streaming_at
 from .wal_spool import WalSpool
 
@@ -363,32 +363,17 @@ class _Term:
             start=str(spool.start_lsn),
             end=str(result.epoch_start_lsn),
         )
+        end = result.epoch_start_lsn
+        reader = self._donor_reader(result)
         try:
-            conn = await connect(
-                donor.host,
-                donor.port,
-                "cloud_admin",
-                replication=True,
-                application_name=RECOVERY_APPLICATION_NAME,
-                options=self.p.options(),
-                connect_timeout=self.conf.connect_timeout,
-            )
-            try:
-                stream = await conn.start_replication(spool.start_lsn, timeline=PG_TLI)
-                async with asyncio.timeout(self.conf.connect_timeout * 6):
-                    async for msg in stream:
-                        if isinstance(msg, XLogData) and msg.data:
-                            # WAL past epochStartLsn (the donor's flush) is not part of our history.
-                            spool.append(msg.wal_start, msg.data[: max(0, result.epoch_start_lsn - msg.wal_start)])
-                            if spool.end_lsn >= result.epoch_start_lsn:
-                                break
-            finally:
-                with contextlib.suppress(Exception):
-                    await conn.close()
-        except (ConnectionLost, PgError, ProtocolViolation, OSError, TimeoutError, ValueError) as e:
+            async with asyncio.timeout(self.conf.connect_timeout * 6):
+                while spool.end_lsn < end:
+                    # Never past epochStartLsn (the donor's flush): beyond it is not our history.
+                    spool.append(spool.end_lsn, await reader.read(spool.end_lsn, end - spool.end_lsn))
+        except (CatchUpError, TimeoutError) as e:
             raise TermEnded(f"recovery from donor {donor} failed: {e}") from e
-        if spool.end_lsn < result.epoch_start_lsn:
-            raise TermEnded(f"donor {donor} sent WAL only up to {spool.end_lsn}, needed {result.epoch_start_lsn}")
+        finally:
+            await reader.close()
 
     # --- one safekeeper --------------------------------------------------------------------------
     async def _safekeeper_loop(self, sk: Safekeeper) -> None:
@@ -553,16 +538,20 @@ class _Term:
                     connect_timeout=self.conf.connect_timeout,
                 )
             else:
-                donor = self.sks[result.donor].addr
-                sk.catchup = CatchUpReader(
-                    donor.host,
-                    donor.port,
-                    application_name=RECOVERY_APPLICATION_NAME,
-                    options=self.p.options(),
-                    connect_timeout=self.conf.connect_timeout,
-                )
+                sk.catchup = self._donor_reader(result)
             log.info("catching up", safekeeper=str(sk.addr), start=str(sk.streaming_at), source=str(sk.catchup))
         return sk.catchup
+
+    def _donor_reader(self, result: ElectionResult) -> CatchUpReader:
+        """WAL up to the donor's flush, as `wal_proposer_recovery` (spec §4.2)."""
+        donor = self.sks[result.donor].addr
+        return CatchUpReader(
+            donor.host,
+            donor.port,
+            application_name=RECOVERY_APPLICATION_NAME,
+            options=self.p.options(),
+            connect_timeout=self.conf.connect_timeout,
+        )
 
     async def _end_catch_up(self, sk: Safekeeper) -> None:
         reader, sk.catchup = sk.catchup, None
