@@ -41,6 +41,7 @@ fi
 
 bash vendor/postgres/layout.sh "$PG_MAJOR"
 bash scripts/build_walredo.sh
+bash scripts/build_test_utils.sh  # SQL helpers the regression tests load by path
 
 # The virtualenv is rebuilt only when pyproject.toml changes.
 stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)

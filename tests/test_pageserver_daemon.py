@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -18,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from neon.pageserver.layers import try_parse_layer_file_name
+from neon.pageserver.metadata import load_metadata
 from neon.pq.client import connect
 
 TIMEOUT = 60.0
@@ -227,3 +230,36 @@ async def test_daemon_survives_garbage(daemon: Daemon) -> None:
     await conn.close()
     assert daemon.stop() == 0
     assert "Traceback" not in daemon.log.read_text()
+
+
+# --- FAILPOINTS at daemon start -----------------------------------------------------------------
+def _start_with_env(d: Daemon, failpoints: str) -> None:
+    env = {**os.environ, "FAILPOINTS": failpoints}
+    d.proc = subprocess.Popen(d.cmd(), stdout=open(d.log, "ab"), stderr=subprocess.STDOUT, env=env)  # noqa: SIM115
+
+
+def test_daemon_refuses_bad_failpoints_env(daemon: Daemon) -> None:
+    assert daemon.init().returncode == 0
+    _start_with_env(daemon, "flush-frozen-exit=nonsense")
+    assert daemon.proc is not None and daemon.proc.wait(timeout=60) == 2
+    assert "failed to apply failpoint flush-frozen-exit=nonsense" in daemon.log.read_text()
+
+
+async def test_daemon_exits_at_flush_from_env_failpoint(daemon: Daemon) -> None:
+    """`FAILPOINTS=flush-frozen-exit=exit`: the first layer flush (the new timeline's initdb
+    import) ends the daemon with status 1, after writing the layer and before the metadata."""
+    assert daemon.init().returncode == 0
+    _start_with_env(daemon, "flush-frozen-exit=exit")
+    await daemon.wait_ready()
+    status, tenant_id = await asyncio.to_thread(daemon.http, "POST", "/v1/tenant", {})
+    assert status == 201, tenant_id
+    # The connection drops when the process exits.
+    with pytest.raises((ConnectionError, urllib.error.URLError)):
+        await asyncio.to_thread(
+            http_json, daemon.http_port, "POST", f"/v1/tenant/{tenant_id}/timeline", {"new_timeline_id": "33" * 16}
+        )
+    assert daemon.proc is not None and daemon.proc.wait(timeout=60) == 1
+    assert "Exit requested by failpoint" in daemon.log.read_text()
+    tl_dir = daemon.workdir / "tenants" / tenant_id / "timelines" / ("33" * 16)
+    assert [p for p in tl_dir.iterdir() if try_parse_layer_file_name(p.name) is not None]
+    assert load_metadata(tl_dir).disk_consistent_lsn == 0

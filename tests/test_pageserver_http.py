@@ -373,3 +373,28 @@ async def test_detach_ignore_load_break_attach(client: TestClient, manager: Tena
     status, body = await call(client, "POST", f"/v1/tenant/{TenantId.generate()}/attach")
     assert status == 400 and "remote storage" in body["msg"]
     assert (await call(client, "POST", f"/v1/tenant/{c}/attach"))[0] == 409
+
+
+# --- failpoints (Neon's testing API) ------------------------------------------------------------
+async def test_http_configure_failpoints(client: TestClient, manager: TenantManager) -> None:
+    body = [{"name": "a", "actions": "return(7)"}, {"name": "b", "actions": "pause"}]
+    resp = await client.put("/v1/failpoints", json=body)
+    assert resp.status == 200 and await resp.json() is None
+    assert manager.failpoints.configured() == {"a": "return(7)", "b": "pause"}
+    # Tenants (and so their timelines) share the manager's registry.
+    tenant = manager.create_tenant()
+    assert tenant.failpoints is manager.failpoints
+    assert await tenant.failpoints.hit("a") == "7"
+
+    resp = await client.put("/v1/failpoints", json=[{"name": "b", "actions": "off"}, {"name": "c", "actions": "bogus"}])
+    assert resp.status == 400
+    msg = (await resp.json())["msg"]
+    assert "Failed to configure failpoints" in msg and "unrecognized command 'bogus'" in msg
+    assert manager.failpoints.configured() == {"a": "return(7)", "b": "pause"}  # nothing applied
+
+    for bad in ({"name": "a", "actions": "off"}, [{"name": "a"}], [{"name": 1, "actions": "off"}], ["a=off"]):
+        resp = await client.put("/v1/failpoints", json=bad)
+        assert resp.status == 400, bad
+        assert "Failed to parse json request" in (await resp.json())["msg"]
+    resp = await client.put("/v1/failpoints", data="[{")
+    assert resp.status == 400 and "Failed to parse json request" in (await resp.json())["msg"]

@@ -23,6 +23,7 @@ from neon.pageserver.value import Image, decode_value, encode_value
 from neon.pageserver.walingest import WalIngest, fsm_logical_to_physical
 from neon.postgres.checkpoint import CheckPoint
 from neon.postgres.page import fsm_logical_to_physical as pg_fsm_logical_to_physical
+from neon.utils.failpoints import Failpoints
 from neon.utils.id import TenantId, TimelineId
 from neon.utils.lsn import Lsn
 from neon.walredo.records import SlruKind
@@ -158,7 +159,7 @@ class _NoRedo:
         raise AssertionError("no redo expected")
 
 
-def make_timeline(tmp_path: Path) -> Timeline:
+def make_timeline(tmp_path: Path, *, failpoints: Failpoints | None = None) -> Timeline:
     md = TimelineMetadata(
         disk_consistent_lsn=Lsn(0),
         prev_record_lsn=None,
@@ -177,6 +178,7 @@ def make_timeline(tmp_path: Path) -> Timeline:
         conf=TenantConf,
         walredo=_NoRedo(),  # type: ignore[arg-type]
         page_cache=MaterializedPageCache(0),
+        failpoints=failpoints,
     )
 
 

@@ -9,7 +9,7 @@ rel-size cache, exactly as Neon's `DatadirModification` does.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING
 
 from neon.postgres.constants import BLCKSZ, FSM_FORKNUM, VISIBILITYMAP_FORKNUM
@@ -147,21 +147,36 @@ class DatadirMapping:
         return await self.get(_slru_block_key(kind, segno, blkno), lsn)
 
     # --- LSN by commit timestamp (spec §5.10, Neon's find_lsn_for_timestamp) ---------------------
-    async def is_latest_commit_timestamp_ge_than(self, ts: int, probe_lsn: int, seen: list[bool]) -> bool:
-        """Whether some CLOG page at `probe_lsn` carries a commit timestamp ≥ `ts` (µs since 2000).
-
-        `seen` is [found smaller, found larger], updated as Neon does: pages are scanned from the
-        newest segment and page down, and the scan stops at the first timestamp ≥ `ts`."""
+    async def _clog_commit_timestamps(self, probe_lsn: int) -> AsyncIterator[int]:
+        """The commit timestamps (µs since 2000) the CLOG pages at `probe_lsn` carry in their
+        trailers (Neon's map_all_timestamps): newest segment and page first; pages without a
+        trailer (no commit redone onto them yet) are skipped."""
         for segno in sorted(self.list_slru_segments(SlruKind.CLOG, probe_lsn), reverse=True):
             for blk in range(self.get_slru_segment_size(SlruKind.CLOG, segno, probe_lsn) - 1, -1, -1):
                 page = await self.get_slru_page_at_lsn(SlruKind.CLOG, segno, blk, probe_lsn)
-                if len(page) != BLCKSZ + CLOG_TRAILER_SIZE:
-                    continue
-                if int.from_bytes(page[BLCKSZ:], "big", signed=True) >= ts:
-                    seen[1] = True
-                    return True
-                seen[0] = True
+                if len(page) == BLCKSZ + CLOG_TRAILER_SIZE:
+                    yield int.from_bytes(page[BLCKSZ:], "big", signed=True)
+
+    async def is_latest_commit_timestamp_ge_than(self, ts: int, probe_lsn: int, seen: list[bool]) -> bool:
+        """Whether some CLOG page at `probe_lsn` carries a commit timestamp ≥ `ts` (µs since 2000).
+
+        `seen` is [found smaller, found larger], updated as Neon does: the scan stops at the first
+        timestamp ≥ `ts`."""
+        async for page_ts in self._clog_commit_timestamps(probe_lsn):
+            if page_ts >= ts:
+                seen[1] = True
+                return True
+            seen[0] = True
         return False
+
+    async def get_timestamp_for_lsn(self, probe_lsn: int) -> int | None:
+        """The newest commit timestamp (µs since 2000) visible at `probe_lsn`, or None when no CLOG
+        page has one yet (Neon's get_timestamp_for_lsn). Errors of the reads propagate: an LSN
+        before initdb has no CLOG directory ("could not find data for key ...")."""
+        newest: int | None = None
+        async for page_ts in self._clog_commit_timestamps(probe_lsn):
+            newest = page_ts if newest is None else max(newest, page_ts)
+        return newest
 
     async def find_lsn_for_timestamp(self, ts: int, gc_cutoff: int, last: int) -> tuple[str, int]:
         """("present", lsn): the last LSN before the first commit at or after `ts`; ("future", last)

@@ -6,12 +6,16 @@
 Running: take the pid-file lock (one daemon per workdir), load every tenant, serve the page
 service (libpq) on `listen_pg_addr` and the management API on `listen_http_addr`, run on uvloop.
 SIGTERM or SIGINT: stop accepting, flush every timeline's open layer, exit 0.
+
+`FAILPOINTS=name=actions;...` in the environment arms failpoints at start (`neon.utils.failpoints`);
+the variable is removed from the environment so that child processes (initdb, WAL redo) do not see it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from pathlib import Path
@@ -21,6 +25,7 @@ from aiohttp import web
 
 from neon.broker.client import BrokerClient
 from neon.pq.server import PqServer
+from neon.utils.failpoints import Failpoints
 from neon.utils.id import TenantId, TimelineId
 from neon.utils.logging import setup_logging
 from neon.utils.pidfile import PidFile, PidFileLocked
@@ -56,10 +61,16 @@ def _host_port(addr: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-async def serve(conf: PageServerConf, workdir: Path, *, ready: asyncio.Event | None = None) -> None:
+async def serve(
+    conf: PageServerConf,
+    workdir: Path,
+    *,
+    ready: asyncio.Event | None = None,
+    failpoints: Failpoints | None = None,
+) -> None:
     """Run the daemon until SIGTERM or SIGINT; `ready` is set once both listeners accept."""
     broker = BrokerClient(conf.broker_endpoint, keepalive_interval=conf.broker_keepalive_interval.total_seconds())
-    manager = TenantManager(conf, workdir, broker=broker)
+    manager = TenantManager(conf, workdir, broker=broker, failpoints=failpoints)
     await manager.load_all()
     runner = web.AppRunner(make_app(manager, conf), access_log=None)
     await runner.setup()
@@ -118,6 +129,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pageserver: {e}", file=sys.stderr)
         return 2
     setup_logging("console" if conf.log_format.value == "plain" else "json")
+    try:
+        failpoints = Failpoints.from_env()
+    except ValueError as e:
+        print(f"pageserver: {e}", file=sys.stderr)
+        return 2
+    os.environ.pop("FAILPOINTS", None)
     pid = PidFile(workdir / PID_FILE, "pageserver uses this workdir")
     try:
         pid.acquire()
@@ -130,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             uvloop.install()
         except ImportError:  # pragma: no cover - uvloop is a dependency, but the daemon runs without it
             pass
-        asyncio.run(serve(conf, workdir))
+        asyncio.run(serve(conf, workdir, failpoints=failpoints))
     finally:
         pid.release()
     return 0

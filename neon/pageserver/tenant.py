@@ -21,6 +21,7 @@ import structlog
 from neon.broker.client import BrokerClient
 from neon.postgres.pg_distrib import PgDistrib, PostgresUser, initdb
 from neon.utils.crashsafe import durable_mkdir, durable_write, fsync_path
+from neon.utils.failpoints import Failpoints
 from neon.utils.id import TenantId, TimelineId
 from neon.utils.lsn import Lsn
 from neon.walredo.manager import WalRedoManager
@@ -77,8 +78,10 @@ class Tenant:
         superuser: str = "cloud_admin",
         broker: BrokerClient | None = None,
         availability_zone: str | None = None,
+        failpoints: Failpoints | None = None,
     ) -> None:
         self.tenant_id = tenant_id
+        self.failpoints = failpoints if failpoints is not None else Failpoints()
         # Timelines without a fixed `wal_source` follow the safekeepers through this broker.
         self.broker = broker
         self.availability_zone = availability_zone
@@ -214,6 +217,7 @@ class Tenant:
             conf=self.conf,
             walredo=self.walredo,
             page_cache=self.page_cache,
+            failpoints=self.failpoints,
         )
         tl.on_flush = self._after_flush
         return tl

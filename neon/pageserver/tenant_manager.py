@@ -24,6 +24,7 @@ import structlog
 from neon.broker.client import BrokerClient
 from neon.postgres.pg_distrib import PgDistrib, PostgresUser
 from neon.utils.crashsafe import fsync_path
+from neon.utils.failpoints import Failpoints
 from neon.utils.id import TenantId
 from neon.walredo.launcher import PostgresRedoLauncher, scratch_parent
 from neon.walredo.manager import WalRedoManager
@@ -163,8 +164,12 @@ class TenantManager:
         pg_user: PostgresUser | None = None,
         metrics: PageserverMetrics | None = None,
         broker: BrokerClient | None = None,
+        failpoints: Failpoints | None = None,
     ) -> None:
         self.conf = conf
+        # The daemon's failpoints (configured from FAILPOINTS and the management API), handed to
+        # every tenant and timeline; an empty registry when not given.
+        self.failpoints = failpoints if failpoints is not None else Failpoints()
         self.broker = broker  # timelines without a fixed wal_source follow the safekeepers through it
         self.metrics = metrics or PageserverMetrics()
         self.metrics.attach(self)
@@ -212,6 +217,7 @@ class TenantManager:
             "superuser": self.conf.initial_superuser_name,
             "broker": self.broker,
             "availability_zone": self.conf.availability_zone,
+            "failpoints": self.failpoints,
         }
 
     # --- loading ------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import structlog
 
 from neon.postgres.constants import BLCKSZ
 from neon.utils.crashsafe import TEMP_SUFFIX
+from neon.utils.failpoints import Failpoints
 from neon.utils.id import TenantId, TimelineId
 from neon.utils.lsn import Lsn
 from neon.walredo.manager import WalRedoManager
@@ -76,6 +77,7 @@ class Timeline(DatadirMapping):
         walredo: WalRedoManager,
         page_cache: MaterializedPageCache,
         owner: tuple[int, int] | None = None,
+        failpoints: Failpoints | None = None,
     ) -> None:
         if (ancestor is None) != (metadata.ancestor_timeline is None):
             raise ValueError("ancestor timeline object and metadata disagree")
@@ -94,6 +96,7 @@ class Timeline(DatadirMapping):
         self.walredo = walredo
         self.page_cache = page_cache
         self.owner = owner
+        self.failpoints = failpoints if failpoints is not None else Failpoints()
         self.log = log.bind(tenant_id=str(tenant_id), timeline_id=str(timeline_id))
         self.layers = LayerMap(metadata.disk_consistent_lsn + 1 if metadata.disk_consistent_lsn else None)
         self.state = "Loading"
@@ -308,9 +311,19 @@ class Timeline(DatadirMapping):
         if self.owner is not None:
             os.chown(path, *self.owner)
         layer = HistoricLayer.at(path, try_parse_layer_file_name(path.name), self.tenant_id, self.timeline_id)  # type: ignore[arg-type]
+        failpoints = self.failpoints
+        if failpoints:
+            # Older Neon's name for the pause below, where it stood: the delta file written, the
+            # layer map not yet switched to it.
+            await failpoints.hit("flush-frozen-before-sync")
         self.layers.replace([], [layer])
         assert self.layers.frozen_layers[0] is frozen
         del self.layers.frozen_layers[0]
+        if failpoints:
+            # As Neon: the new layer serves reads, disk_consistent_lsn (the metadata) not yet
+            # advanced. A crash here leaves a layer file from beyond disk_consistent_lsn.
+            await failpoints.hit("flush-frozen-pausable")
+            await failpoints.hit("flush-frozen-exit")
         new_disk_consistent = Lsn(frozen.end_lsn - 1)
         if new_disk_consistent > self.disk_consistent_lsn:
             md = replace(self.metadata(), disk_consistent_lsn=new_disk_consistent)
@@ -391,7 +404,7 @@ class Timeline(DatadirMapping):
     def get_image(self, key: bytes, lsn: int) -> bytes:
         """A value stored only as images (directories, sizes, relmap, checkpoint...): no redo."""
         if lsn == 0:
-            raise PageReconstructError("Invalid LSN 0/0")
+            raise PageReconstructError("Invalid LSN")  # Neon's message for LSN 0
         base, records = self._collect(key, lsn, None)
         if records:
             raise PageReconstructError(f"key {Key.from_bytes(key)} at {Lsn(lsn)} has WAL records, expected an image")
@@ -408,7 +421,7 @@ class Timeline(DatadirMapping):
     async def get(self, key: bytes, lsn: int) -> bytes:
         """The value of `key` at `lsn` (GetPage@LSN), reconstructed through WAL redo when needed."""
         if lsn == 0:
-            raise PageReconstructError("Invalid LSN 0/0")
+            raise PageReconstructError("Invalid LSN")  # Neon's message for LSN 0
         cached = self.page_cache.lookup(self.timeline_id, key, lsn)
         if cached is not None and cached[0] == lsn:
             return cached[1]

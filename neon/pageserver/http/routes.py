@@ -14,7 +14,7 @@ import contextlib
 import json
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import structlog
@@ -35,9 +35,10 @@ from neon.pageserver.tenant_manager import (
     TenantNotActive,
     TenantNotFound,
 )
-from neon.pageserver.timeline import Timeline, WaitLsnTimeout
+from neon.pageserver.timeline import PageReconstructError, Timeline, WaitLsnTimeout
 from neon.pageserver.walreceiver import WalSource
 from neon.postgres.pg_distrib import PG_MAJOR
+from neon.utils.failpoints import parse_actions
 from neon.utils.id import TenantId, TimelineId
 from neon.utils.lsn import Lsn
 
@@ -482,6 +483,31 @@ async def timeline_wal_source_get(request: web.Request) -> web.Response:
     )
 
 
+async def failpoints_configure(request: web.Request) -> web.Response:
+    """Neon's testing `PUT /v1/failpoints`: `[{"name": ..., "actions": ...}]`, answered with `null`.
+    Every entry is checked before any is applied (Neon applies them one by one)."""
+    body = await _json_body(request)
+    if not isinstance(body, list):
+        raise ApiError(400, "Failed to parse json request: expected a JSON array of {name, actions}")
+    parsed: list[tuple[str, str]] = []
+    for i, item in enumerate(body):
+        if (
+            not isinstance(item, dict)
+            or not isinstance(item.get("name"), str)
+            or not isinstance(item.get("actions"), str)
+        ):
+            raise ApiError(400, f'Failed to parse json request: entry {i} must be {{"name": str, "actions": str}}')
+        try:
+            parse_actions(item["actions"])
+        except ValueError as e:
+            raise ApiError(400, f"Failed to configure failpoints: {e}") from None
+        parsed.append((item["name"], item["actions"]))
+    failpoints = _mgr(request).failpoints
+    for name, actions in parsed:
+        failpoints.configure(name, actions)  # logs "cfg failpoint"
+    return _json(None)
+
+
 _PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 
 
@@ -500,6 +526,35 @@ async def timeline_lsn_by_timestamp(request: web.Request) -> web.Response:
     ts = (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
     kind, lsn = await tl.find_lsn_for_timestamp(ts, tl.latest_gc_cutoff_lsn, tl.last_record_lsn)
     return _json(str(Lsn(lsn)) if kind == "present" else kind)
+
+
+def _format_rfc3339(pg_ts: int) -> str:
+    """A Postgres timestamp (µs since 2000) as Neon prints it (humantime's smart RFC 3339): UTC,
+    'Z', no fraction when it is whole seconds, else nine fractional digits."""
+    secs, micros = divmod(pg_ts, 1_000_000)
+    text = (_PG_EPOCH + timedelta(seconds=secs)).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{text}Z" if micros == 0 else f"{text}.{micros * 1000:09d}Z"
+
+
+async def timeline_timestamp_of_lsn(request: web.Request) -> web.Response:
+    """The newest commit timestamp visible at `lsn` (404 with a null body when there is none).
+    Read errors are 500s carrying the read's own message, as Neon's ("Invalid LSN" for 0/0,
+    "could not find data for key ..." before initdb)."""
+    tl = _active_timeline(request)
+    text = request.query.get("lsn")
+    if text is None:
+        raise ApiError(400, "Missing query parameter 'lsn'")
+    try:
+        lsn = Lsn(text)
+    except ValueError:
+        raise ApiError(400, f"Invalid LSN: {text!r}") from None
+    try:
+        ts = await tl.get_timestamp_for_lsn(lsn)
+    except PageReconstructError as e:
+        raise ApiError(500, str(e)) from None
+    if ts is None:
+        return _json(None, 404)
+    return _json(_format_rfc3339(ts))
 
 
 def make_app(manager: TenantManager, conf: PageServerConf) -> web.Application:
@@ -533,7 +588,9 @@ def make_app(manager: TenantManager, conf: PageServerConf) -> web.Application:
     r.add_get(tl + "/layer", timeline_layers)
     r.add_put(tl + "/wal_source", timeline_wal_source_put)
     r.add_get(tl + "/get_lsn_by_timestamp", timeline_lsn_by_timestamp)
+    r.add_get(tl + "/get_timestamp_of_lsn", timeline_timestamp_of_lsn)
     r.add_get("/v1/doc", openapi_handler)
     r.add_get("/swagger.yml", openapi_handler)
     r.add_get(tl + "/wal_source", timeline_wal_source_get)
+    r.add_put("/v1/failpoints", failpoints_configure)
     return app
