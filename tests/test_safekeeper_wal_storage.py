@@ -446,6 +446,12 @@ def test_truncate_then_write_different_wal(pg_wal: PgWal, tl_dir: Path) -> None:
         i = bisect.bisect_right(new_ends, pos)
         assert storage.flush_lsn == (new_ends[i - 1] if i else cut)
     assert storage.flush_lsn == new_ends[-1]
+    # Walsenders served from memory see the new history, never the truncated one.
+    in_memory = storage.reader(timeline_start_lsn=wal.start, local_start_lsn=wal.start)
+    chunks = in_memory.chunks_in_memory(cut, cut + len(new_bytes))
+    assert chunks is not None and b"".join(d for _l, d in chunks) == new_bytes
+    across = in_memory.chunks_in_memory(cut - 8, cut + 8)
+    assert across is not None and b"".join(d for _l, d in across) == wal.bytes(cut - 8, cut) + new_bytes[:8]
     storage.close()
 
     reader = WalStorage.open(tl_dir, wal_seg_size=SEG, commit_lsn=wal.start).reader(
@@ -473,6 +479,15 @@ def test_reader_returns_file_bytes(pg_wal: PgWal, tl_dir: Path) -> None:
     assert all(len(data) <= MAX_SEND_SIZE for _lsn, data in pieces)
     assert all(lsn // SEG == (lsn + len(data) - 1) // SEG for lsn, data in pieces)
     assert [lsn for lsn, _ in pieces[1:]] == [lsn + len(d) for lsn, d in pieces[:-1]]
+
+    # The newest WAL comes from memory, in the same pieces as from the files; older is None.
+    recent = storage.recent
+    assert recent.end_lsn == storage.write_lsn and recent.end_lsn - recent.start_lsn >= 4 * 1024 * 1024
+    for _ in range(30):
+        a = rng.randrange(recent.start_lsn, wal.end)
+        b = rng.randrange(a, wal.end + 1)
+        assert reader.chunks_in_memory(a, b) == list(reader.chunks(a, b))
+    assert reader.chunks_in_memory(recent.start_lsn - 8, wal.end) is None
 
     # Before the timeline start, inside its first segment: a synthesised segment start.
     seg_start = wal.start - wal.start % SEG
@@ -522,6 +537,9 @@ def test_concurrent_reader_sees_flushed_wal(pg_wal: PgWal, tl_dir: Path) -> None
                 flush = storage.flush_lsn
                 if flush > sent:
                     assert reader.read(sent, flush) == wal.bytes(sent, flush)
+                    chunks = reader.chunks_in_memory(sent, flush)
+                    if chunks is not None:
+                        assert b"".join(d for _l, d in chunks) == wal.bytes(sent, flush)
                     sent = flush
                     reads += 1
                 else:
@@ -561,3 +579,31 @@ def test_synced_files_survive_without_rename_of_full_partial(pg_wal: PgWal, tl_d
     _stream(reopened, wal, boundary, wal.end, seed=14)
     reopened.flush()
     _check_files(tl_dir, wal, wal.start, wal.end)
+
+
+def test_flush_in_steps_and_writes_that_stay_in_the_open_segment(pg_wal: PgWal, tl_dir: Path) -> None:
+    """The event-loop path (Timeline.process_batch): writes that stay inside the open `.partial`
+    segment are recognised; anything that opens, fills or skips is not; a flush split into
+    begin/sync/end makes the same flush_lsn as `flush`."""
+    wal = pg_wal
+    storage = _new_storage(tl_dir, wal.start)
+    # Nothing open yet after the truncation (its segment fd was closed): the thread path.
+    assert not storage.write_stays_in_open_segment(wal.start, 100)
+    k = bisect.bisect_left(wal.ends, wal.start + 3 * XLOG_BLCKSZ)
+    first = wal.ends[k]
+    storage.write_wal(wal.start, wal.bytes(wal.start, first))
+    pos = storage.write_lsn
+    seg_left = SEG - pos % SEG
+    assert storage.write_stays_in_open_segment(pos, 100)
+    assert storage.write_stays_in_open_segment(pos, seg_left - 1)
+    assert not storage.write_stays_in_open_segment(pos, seg_left)  # fills it: sync and rename
+    assert not storage.write_stays_in_open_segment(pos + 8, 100)  # not where writing continues
+
+    ticket = storage.begin_flush()
+    assert ticket is not None and ticket.fd is not None and ticket.flush_lsn == first
+    assert storage.flush_lsn == wal.start  # nothing moves before end_flush
+    syncs = storage.metrics.fdatasyncs
+    storage.sync(ticket)
+    assert storage.metrics.fdatasyncs == syncs + 1
+    assert storage.end_flush(ticket) == first == storage.flush_lsn
+    assert storage.begin_flush() is None

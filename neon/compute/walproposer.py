@@ -71,6 +71,10 @@ LSN_ZERO = Lsn(0)
 # How long a new quorum LSN may wait for an AppendRequest with WAL to carry it before safekeepers
 # get it in an empty one (Neon broadcasts at once; the pageserver sees commits this much later).
 COMMIT_BROADCAST_DELAY = 0.005
+# Less WAL than this waits while an AppendRequest with WAL is unanswered and goes out with the
+# next response (group commit across the wire: one append, fsync and reply for every commit that
+# arrived meanwhile); a full chunk goes at once, so bulk WAL streams pipelined.
+COALESCE_BELOW = MAX_SEND_SIZE
 
 
 class TermEnded(Exception):
@@ -146,6 +150,7 @@ class Safekeeper:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     connects: int = 0
     responses: int = 0  # AppendResponses received in this term
+    unanswered: int = 0  # AppendRequests with WAL sent since its last response
     last_error: str | None = None
 
 
@@ -457,6 +462,7 @@ class _Term:
                 )
             )
             sk.streaming_at = start
+            sk.unanswered = 0
             sk.state = "active"
             log.info("streaming to safekeeper", safekeeper=str(sk.addr), start=str(start), term=result.term)
             reader = asyncio.create_task(self._read_responses(sk, receive))
@@ -487,6 +493,7 @@ class _Term:
         assert self.spool is not None and self.result is not None
         result = self.result
         last_sent = time.monotonic()
+        reader.add_done_callback(lambda _t: sk.wake.set())
         while True:
             if reader.done():
                 reader.result()  # raises what ended it
@@ -494,8 +501,11 @@ class _Term:
             # Cleared before looking for work: a wake-up arriving while we send is kept for the wait.
             woken = sk.wake.is_set()
             sk.wake.clear()
-            sent = False
+            sent = held = False
             while sk.streaming_at < self.available_lsn:
+                if sk.unanswered and self.available_lsn - sk.streaming_at < COALESCE_BELOW:
+                    held = True  # the response wakes us; the commit LSN goes with this WAL then
+                    break
                 if sk.streaming_at < self.spool.start_lsn:
                     data = await self._catch_up(sk).read(
                         sk.streaming_at, min(MAX_SEND_SIZE, self.spool.start_lsn - sk.streaming_at)
@@ -508,21 +518,19 @@ class _Term:
                     break
                 await send(self._append(sk, result, sk.streaming_at, data))
                 sk.streaming_at = Lsn(sk.streaming_at + len(data))
+                sk.unanswered += 1
                 sent = True
             now = time.monotonic()
-            if not sent and (woken or now - last_sent >= self.conf.reconnect_timeout):
+            if not sent and not held and (woken or now - last_sent >= self.conf.reconnect_timeout):
                 await send(self._append(sk, result, sk.streaming_at, b""))
                 sent = True
             if sent:
                 last_sent = now
-            waiter = asyncio.ensure_future(sk.wake.wait())
-            done, _ = await asyncio.wait(
-                [waiter, reader],
-                timeout=max(0.0, self.conf.reconnect_timeout - (time.monotonic() - last_sent)),
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-            if waiter not in done:
-                waiter.cancel()
+            if not sk.wake.is_set():
+                # The reader's end sets the event too (below), so one wait covers both.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.0, self.conf.reconnect_timeout - (time.monotonic() - last_sent))):
+                        await sk.wake.wait()
 
     def _catch_up(self, sk: Safekeeper) -> CatchUpReader:
         if sk.catchup is None:
@@ -581,6 +589,10 @@ class _Term:
             sk.flush_lsn = resp.flush_lsn
             sk.commit_lsn = resp.commit_lsn
             sk.responses += 1
+            if sk.unanswered:
+                sk.unanswered = 0
+                if sk.streaming_at < self.available_lsn:
+                    sk.wake.set()  # WAL held back while this was in flight
             if resp.pageserver_feedback is not None:
                 sk.feedback = resp.pageserver_feedback
             self._on_progress()

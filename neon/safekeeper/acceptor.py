@@ -37,7 +37,7 @@ from neon.safekeeper.protocol import (
     VoteRequest,
     VoteResponse,
 )
-from neon.safekeeper.wal_storage import WalStorage, WalStorageError
+from neon.safekeeper.wal_storage import FlushTicket, WalStorage, WalStorageError
 from neon.utils.logging import get_logger
 from neon.utils.lsn import Lsn
 
@@ -93,6 +93,7 @@ class Acceptor:
         # Where the current term's WAL begins; set by the latest accepted ProposerElected.
         self.epoch_start_lsn = Lsn(0)
         self.stats = AcceptorStats()
+        self._flush_started = 0.0
 
     # --- derived values ---------------------------------------------------------------------
     @property
@@ -286,8 +287,16 @@ class Acceptor:
     def append_is_free(self, msg: AppendRequest) -> bool:
         """Whether handling `msg` (flush variant) does no file I/O: no WAL, nothing unflushed, and
         neither of the control-file triggers below (so it may run on the event loop)."""
+        if msg.wal or self.wal.flush_lsn != self.wal.write_record_lsn:
+            return False
+        return self.append_keeps_control_file(msg)
+
+    def append_keeps_control_file(self, msg: AppendRequest) -> bool:
+        """Whether handling `msg` inside a batch (flush_lsn as it is now) persists nothing: it is
+        of the current term and crosses neither control-file trigger. All positions only grow,
+        so checking each message of a batch against the state before it is enough."""
         h = msg.header
-        if msg.wal or h.term != self.term or self.wal.flush_lsn != self.wal.write_record_lsn:
+        if h.term != self.term:
             return False
         commit = min(max(h.commit_lsn, self.inmem.commit_lsn), self.wal.flush_lsn) if h.commit_lsn else 0
         if self.state.commit_lsn < self.epoch_start_lsn <= commit:
@@ -338,13 +347,30 @@ class Acceptor:
         return AppendResponse(term=self.term, flush_lsn=self.reported_flush_lsn, commit_lsn=self.state.commit_lsn)
 
     def _flush_wal(self) -> None:
-        if self.wal.flush_lsn == self.wal.write_record_lsn:
-            return
-        t0 = time.perf_counter()
+        ticket = self.begin_flush()
+        if ticket is not None:
+            self.sync(ticket)
+            self.end_flush(ticket)
+
+    # The flush split so that only the fdatasync runs off the event loop (Timeline.process_batch).
+    def begin_flush(self) -> FlushTicket | None:
         try:
-            self.wal.flush()
-        except (WalStorageError, OSError) as e:
+            ticket = self.wal.begin_flush()
+        except WalStorageError as e:
             raise AcceptorError(f"failed to flush WAL: {e}") from e
-        dt = time.perf_counter() - t0
-        self.stats.flushes += 1
-        self.stats.flush_seconds += dt
+        if ticket is not None:
+            self._flush_started = time.perf_counter()
+        return ticket
+
+    def sync(self, ticket: FlushTicket) -> None:
+        try:
+            self.wal.sync(ticket)
+        except OSError as e:
+            raise AcceptorError(f"failed to flush WAL: {e}") from e
+
+    def end_flush(self, ticket: FlushTicket | None) -> AppendResponse:
+        if ticket is not None:
+            self.wal.end_flush(ticket)
+            self.stats.flushes += 1
+            self.stats.flush_seconds += time.perf_counter() - self._flush_started
+        return self.append_response()

@@ -143,16 +143,19 @@ class WalSender:
             end = self._end()
             if self.pos < end:
                 upto = min(end, self.pos + READ_AHEAD)
-                try:
-                    chunks = await asyncio.to_thread(_read_chunks, self.reader, self.pos, upto)
-                except WalStorageError as e:
-                    raise PgError(str(e)) from None
+                chunks = self.reader.chunks_in_memory(self.pos, upto)
+                if chunks is None:
+                    try:
+                        chunks = await asyncio.to_thread(_read_chunks, self.reader, self.pos, upto)
+                    except WalStorageError as e:
+                        raise PgError(str(e)) from None
                 for lsn, data in chunks:
                     await stream.write(XLogData(lsn, end, pg_now(), data).encode())
                 self.pos = Lsn(upto)
                 continue
             try:
-                await asyncio.wait_for(changed.wait(), KEEPALIVE_INTERVAL)
+                async with asyncio.timeout(KEEPALIVE_INTERVAL):
+                    await changed.wait()
                 continue
             except TimeoutError:
                 pass

@@ -190,23 +190,55 @@ class Timeline:
 
     # --- proposer messages --------------------------------------------------------------------
     async def process_batch(self, msgs: list[ProposerMessage]) -> list[AcceptorMessage]:
-        """Run messages through the acceptor under the timeline lock, in a worker thread.
+        """Run messages through the acceptor under the timeline lock.
 
         Consecutive AppendRequests are written without fsync and followed by one flush and one
         AppendResponse (group commit, §2.5.2); other messages are handled one by one (a batch
-        in progress is flushed first). Waiting walsenders are woken afterwards."""
+        in progress is flushed first). Waiting walsenders are woken afterwards.
+
+        Where the work runs: appends that touch no file (heartbeats, commit-LSN broadcasts) on
+        the event loop; appends whose WAL only goes into the open segment on the event loop too
+        (a pwrite into the page cache), with just the fdatasync in a worker thread; everything
+        else (new segments, truncation, control-file writes) in a worker thread."""
         async with self.lock:
             self.check_usable()
             try:
                 if all(isinstance(m, AppendRequest) and self.acceptor.append_is_free(m) for m in msgs):
-                    # Heartbeats and commit-LSN broadcasts that touch no file: no thread hop.
                     replies = self._run_batch(msgs)
+                elif self._appends_stay_in_open_segment(msgs):
+                    replies = await self._run_appends(msgs)  # type: ignore[arg-type]
                 else:
                     # WAL writes, fsyncs, truncation and control-file writes: off the event loop.
                     replies = await asyncio.to_thread(self._run_batch, msgs)
             finally:
                 self.notify()
         return [self.with_feedback(r) for r in replies]
+
+    def _appends_stay_in_open_segment(self, msgs: list[ProposerMessage]) -> bool:
+        acceptor = self.acceptor
+        wal = acceptor.wal
+        pos = wal.write_lsn
+        for m in msgs:
+            if not isinstance(m, AppendRequest) or not acceptor.append_keeps_control_file(m):
+                return False
+            if m.wal:
+                if m.header.begin_lsn != pos:
+                    return False
+                pos += len(m.wal)
+        return wal.write_stays_in_open_segment(wal.write_lsn, pos - wal.write_lsn)
+
+    async def _run_appends(self, msgs: list[AppendRequest]) -> list[AcceptorMessage]:
+        acceptor = self.acceptor
+        replies: list[AcceptorMessage] = []
+        for msg in msgs:
+            reply = acceptor.handle_append(msg, flush=False)
+            if reply is not None:
+                replies.append(reply)
+        ticket = acceptor.begin_flush()
+        if ticket is not None and ticket.fd is not None:
+            await asyncio.to_thread(acceptor.sync, ticket)
+        replies.append(acceptor.end_flush(ticket))
+        return replies
 
     def _run_batch(self, msgs: list[ProposerMessage]) -> list[AcceptorMessage]:
         acceptor = self.acceptor

@@ -43,6 +43,7 @@ from neon.postgres.constants import (
 from neon.postgres.errors import WalDecodeError
 from neon.postgres.waldecoder import WalStreamDecoder
 from neon.postgres.walformat import page_header, parse_wal_file_name, wal_file_name
+from neon.safekeeper.recent_wal import RecentWal
 from neon.utils.lsn import Lsn
 
 log = logging.getLogger(__name__)
@@ -200,6 +201,15 @@ def find_end_of_wal(timeline_dir: Path, wal_seg_size: int, start_lsn: int, pg_tl
 # --- the writer ---------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class FlushTicket:
+    """A flush in progress: the fd to fdatasync (None: nothing open needs it) and the flush_lsn
+    that makes durable."""
+
+    fd: int | None
+    flush_lsn: Lsn
+
+
 class WalStorage:
     """Segment files of one timeline and the write/flush positions (spec §3.3).
 
@@ -243,6 +253,8 @@ class WalStorage:
         # of the segment after XLOG_SWITCH): it becomes write_record_lsn once write_lsn gets there.
         self._pending_record_end: Lsn | None = None
         self._truncated_since_open = False
+        # What was written last, for walsenders of caught-up readers (no file read).
+        self.recent = RecentWal()
 
     @classmethod
     def open(
@@ -355,6 +367,7 @@ class WalStorage:
             if not data:
                 return
             self._write_exact(start_lsn, memoryview(data))
+            self.recent.written(start_lsn, data)
             self._track_records(start_lsn, data)
 
     def _write_exact(self, pos: int, data: memoryview) -> None:
@@ -436,16 +449,45 @@ class WalStorage:
         synced when completed) and advance flush_lsn to the last complete record end.
         Call it once per batch of appends: that is the group commit."""
         with self._lock:
-            if self._flush_lsn == self._write_record_lsn:
+            ticket = self.begin_flush()
+            if ticket is None:
                 return self._flush_lsn
+            self.sync(ticket)
+            return self.end_flush(ticket)
+
+    # A flush in three steps, so that only the fdatasync leaves the caller's thread:
+    # begin_flush, sync (anywhere), end_flush. Nothing may write, truncate or close in between.
+    def begin_flush(self) -> FlushTicket | None:
+        """What a flush has to sync, or None when everything written is flushed."""
+        with self._lock:
+            if self._flush_lsn == self._write_record_lsn:
+                return None
             if self._open_segment is not None:
-                self._fdatasync(self._open_segment[1])
-            elif self._write_lsn % self.wal_seg_size != 0:
+                return FlushTicket(self._open_segment[1], self._write_record_lsn)
+            if self._write_lsn % self.wal_seg_size != 0:
                 raise WalStorageError(
                     f"unflushed WAL but no open segment, write_lsn={self._write_lsn}, flush_lsn={self._flush_lsn}"
                 )
-            self._flush_lsn = self._write_record_lsn
+            return FlushTicket(None, self._write_record_lsn)  # the completed segment was synced
+
+    def sync(self, ticket: FlushTicket) -> None:
+        if ticket.fd is not None:
+            self._fdatasync(ticket.fd)
+
+    def end_flush(self, ticket: FlushTicket) -> Lsn:
+        with self._lock:
+            self._flush_lsn = Lsn(max(self._flush_lsn, ticket.flush_lsn))
             return self._flush_lsn
+
+    def write_stays_in_open_segment(self, start_lsn: int, size: int) -> bool:
+        """Whether writing `size` bytes at `start_lsn` touches only the open `.partial` segment
+        and does not fill it: no file to create, zero-fill, sync or rename (cheap enough for the
+        event loop)."""
+        seg = self._open_segment
+        if seg is None or start_lsn != self._write_lsn:
+            return False
+        segno, offset = divmod(start_lsn, self.wal_seg_size)
+        return seg[0] == segno and offset + size < self.wal_seg_size
 
     flush_wal = flush
 
@@ -467,6 +509,7 @@ class WalStorage:
             if self._truncated_since_open and end == self._write_lsn == self._flush_lsn:
                 return  # every reconnect lands here; don't rewrite a segment's worth of zeros
             self._close_open_segment(sync=True)
+            self.recent.truncate(end)
             segno, offset = divmod(end, self.wal_seg_size)
             remove_segments(self.timeline_dir, self.wal_seg_size, lambda s: s > segno)
             fd, is_partial, created = self._open_or_create(segno)
@@ -518,6 +561,7 @@ class WalStorage:
             local_start_lsn=local_start_lsn,
             pg_tli=self.pg_tli,
             sysid=sysid,
+            recent=self.recent,
         )
 
 
@@ -588,6 +632,7 @@ class WalReader:
         local_start_lsn: int,
         pg_tli: int = PG_TLI,
         sysid: int | None = None,
+        recent: RecentWal | None = None,
     ) -> None:
         if local_start_lsn == 0:
             raise WalStorageError("timeline state uninitialized (local_start_lsn is 0), no WAL to read")
@@ -597,7 +642,27 @@ class WalReader:
         self.local_start_lsn = Lsn(local_start_lsn)
         self.pg_tli = pg_tli
         self.sysid = sysid
+        self.recent = recent
         self._start_prefix: bytes | None = None
+
+    def chunks_in_memory(
+        self, start_lsn: int, end_lsn: int, max_size: int = MAX_SEND_SIZE
+    ) -> list[tuple[Lsn, bytes]] | None:
+        """What `chunks` would return, if the writer still holds all of it in memory; else None
+        (then read the files, off the event loop)."""
+        if self.recent is None or start_lsn < self.timeline_start_lsn or start_lsn < self.local_start_lsn:
+            return None
+        data = self.recent.read(start_lsn, end_lsn)
+        if data is None:
+            return None
+        out: list[tuple[Lsn, bytes]] = []
+        pos = start_lsn
+        while pos < end_lsn:
+            seg_end = pos - pos % self.wal_seg_size + self.wal_seg_size
+            n = min(max_size, end_lsn - pos, seg_end - pos)
+            out.append((Lsn(pos), data[pos - start_lsn : pos - start_lsn + n]))
+            pos += n
+        return out
 
     def read(self, start_lsn: int, end_lsn: int) -> bytes:
         """Exactly the bytes [start_lsn, end_lsn), across segment files."""
