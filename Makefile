@@ -13,8 +13,11 @@ run: setup
 stop:
 	NEON_REPO_DIR=$${NEON_REPO_DIR:-$(CURDIR)/.neon} $(PY) -m neon.control_plane stop
 
+# Three workers: most tests wait on processes, fsyncs and sockets rather than on the two cores.
+PYTEST_WORKERS ?= 3
+
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

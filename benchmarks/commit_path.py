@@ -38,6 +38,12 @@ fdatasync bandwidth. Everything below is measured in one run, on this machine, w
     safekeeper's own writes-per-fdatasync in this run (its group commit), and one fdatasync at
     the end (the best case). Note the safekeeper also zero-fills and fsyncs each 16 MiB segment
     before writing WAL into it (as Postgres does), i.e. it writes every byte twice.
+
+(3) The floor under every message of (1): one asyncio (uvloop) round trip of a 500-byte message
+    over loopback TCP between two processes, the transport every hop of the commit path uses
+    (compute -> proposer -> safekeepers -> proposer -> compute, safekeeper -> pageserver): wall
+    time and the CPU time of both processes per round trip, and (1)'s neon CPU per transaction
+    expressed in such round trips.
 """
 
 from __future__ import annotations
@@ -623,6 +629,79 @@ def report_pgbench(args: argparse.Namespace, runs: list[Run]) -> bool:
     return met
 
 
+# --- (3) the per-message floor ----------------------------------------------------------------------------
+_ECHO_SERVER = """
+import asyncio, sys, uvloop
+async def main():
+    async def echo(r, w):
+        while data := await r.read(65536):
+            w.write(data)
+    srv = await asyncio.start_server(echo, "127.0.0.1", 0)
+    print(srv.sockets[0].getsockname()[1], flush=True)
+    await asyncio.sleep(3600)
+uvloop.install()
+asyncio.run(main())
+"""
+
+
+@dataclass
+class Floor:
+    wall_us: float
+    cpu_us: float  # client + server, per round trip
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bench_floor(rounds: int = 5000) -> Floor:
+    import subprocess
+
+    import uvloop
+
+    server = subprocess.Popen([sys.executable, "-c", _ECHO_SERVER], stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+
+        async def client() -> Floor:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            msg = b"x" * 500
+            for _ in range(200):  # warm-up
+                writer.write(msg)
+                await reader.readexactly(len(msg))
+            c0, s0, t0 = time.process_time(), _cpu_seconds(server.pid), time.perf_counter()
+            for _ in range(rounds):
+                writer.write(msg)
+                await reader.readexactly(len(msg))
+            t1, c1, s1 = time.perf_counter(), time.process_time(), _cpu_seconds(server.pid)
+            writer.close()
+            return Floor((t1 - t0) / rounds * 1e6, ((c1 - c0) + (s1 - s0)) / rounds * 1e6)
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(client())
+    finally:
+        server.kill()
+        server.wait()
+
+
+def report_floor(args: argparse.Namespace, floor: Floor, runs: list[Run]) -> None:
+    print()
+    print(
+        f"(3) asyncio (uvloop) round trip of 500 bytes over loopback TCP between two processes: "
+        f"{floor.wall_us:.0f} us wall, {floor.cpu_us:.0f} us of CPU (both sides)"
+    )
+    for clients in (1, args.clients):
+        rs = [r for r in runs if r.setup == NEON and r.clients == clients]
+        if rs:
+            per_txn = sum(sum(r.cpu.values()) for r in rs) / sum(r.txns for r in rs) * 1e6
+            print(
+                f"  -c {clients}: neon daemons' CPU per transaction {per_txn:.0f} us = "
+                f"{per_txn / floor.cpu_us:.1f} such round trips"
+            )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a short run (about a minute and a half)")
@@ -648,7 +727,9 @@ def main() -> int:
             print(f"(1) pgbench -N, -s {args.scale}, {args.rounds} rounds of {args.seconds} s per set-up and -c")
             runs = asyncio.run(bench_commit(args, scratch, problems))
         appends = asyncio.run(bench_append(args, scratch, problems))
+        floor = bench_floor()
         met = report(args, runs, appends)
+        report_floor(args, floor, runs)
     except Exception:
         traceback.print_exc()
         return 1
