@@ -253,3 +253,36 @@ async def test_flush_return_is_ignored_and_sleep_delays(tmp_path: Path) -> None:
     assert loop.time() - start >= 0.19
     assert tl.disk_consistent_lsn == 0x100
     await tl.shutdown(flush=False)
+
+
+async def test_ingest_backpressure_resumes_once_the_backlog_is_small(tmp_path: Path) -> None:
+    """With four layers frozen behind a slow flush, ingest waits only until at most two are left,
+    not for the whole backlog (regression: it used to wait for the flush loop to finish)."""
+    fp = Failpoints()
+    fp.configure("flush-frozen-pausable", "pause")
+    tl = make_timeline(tmp_path, failpoints=fp)
+    tl.save_metadata()
+    for i in range(4):
+        mod = DatadirModification(tl)
+        mod.lsn = 0x100 * (i + 1)
+        if i == 0:
+            mod.init_empty()
+        mod.put_relmap_file(1663, 5, bytes([i]) * 512)
+        mod.commit()
+        tl.advance_last_record_lsn(mod.lsn)
+        tl.freeze()
+    flush = tl._flush_task
+    assert flush is not None
+    await _until_paused(fp, "flush-frozen-pausable", flush)
+    waiting = asyncio.get_running_loop().create_task(tl.ingest_backpressure(max_frozen=2))
+    for _ in range(10):  # the chance to return early, which it must not take
+        await asyncio.sleep(0)
+    assert not waiting.done() and len(tl.layers.frozen_layers) == 3
+    # Release the first layer, let the second through and hold the third: one is left frozen,
+    # and ingest goes on while the flush is still held.
+    fp.configure("flush-frozen-pausable", "1*off->pause")
+    await asyncio.wait_for(waiting, 10)
+    assert len(tl.layers.frozen_layers) <= 2 and not flush.done()
+    fp.configure("flush-frozen-pausable", "off")
+    await asyncio.wait_for(flush, 10)
+    await tl.shutdown(flush=False)

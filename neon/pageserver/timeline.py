@@ -111,6 +111,7 @@ class Timeline(DatadirMapping):
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._waiter_seq = 0
         self._flush_task: asyncio.Task[None] | None = None
+        self._layer_flushed = asyncio.Event()  # set (and replaced) after each frozen layer is flushed
         self.on_flush: Callable[[Timeline], None] | None = None  # the tenant's hook: compaction
         self.layer_removal_lock = asyncio.Lock()
         self.cancelled = threading.Event()  # set at shutdown; background work stops at its next check
@@ -283,10 +284,15 @@ class Timeline(DatadirMapping):
                 raise task.exception()  # type: ignore[misc]
 
     async def ingest_backpressure(self, max_frozen: int = 2) -> None:
-        """Yield to background work; block while more than `max_frozen` layers wait for flush."""
+        """Yield to background work; block while more than `max_frozen` layers wait for flush
+        (each flushed layer re-checks, so ingest resumes as soon as the backlog is small again)."""
         await asyncio.sleep(0)
         while len(self.layers.frozen_layers) > max_frozen and self._flush_task is not None:
-            await asyncio.wait({self._flush_task})
+            flushed = asyncio.ensure_future(self._layer_flushed.wait())
+            try:
+                await asyncio.wait({self._flush_task, flushed}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                flushed.cancel()
 
     def _start_flush(self) -> None:
         if self._flush_task is None or self._flush_task.done():
@@ -296,6 +302,8 @@ class Timeline(DatadirMapping):
         try:
             while self.layers.frozen_layers:
                 await self._flush_one(self.layers.frozen_layers[0])
+                self._layer_flushed.set()
+                self._layer_flushed = asyncio.Event()
         except Exception as e:
             self.layer_flush_errors += 1
             self.log.error("layer flush failed", error=str(e))
