@@ -304,14 +304,17 @@ class Timeline(DatadirMapping):
                 await self._flush_one(self.layers.frozen_layers[0])
                 self._layer_flushed.set()
                 self._layer_flushed = asyncio.Event()
+                # After every layer, not when the loop drains: under sustained ingest (which
+                # resumes while layers still wait) the loop may not drain for a long time, and
+                # compaction must not wait for it.
+                if self.on_flush is not None:
+                    self.on_flush(self)
         except Exception as e:
             self.layer_flush_errors += 1
             self.log.error("layer flush failed", error=str(e))
             raise
         finally:
             self._flush_task = None
-        if self.on_flush is not None:
-            self.on_flush(self)
 
     async def _flush_one(self, frozen) -> None:  # type: ignore[no-untyped-def]
         loop = asyncio.get_running_loop()
