@@ -22,6 +22,7 @@ import pytest
 from neon.pageserver.layers import try_parse_layer_file_name
 from neon.pageserver.metadata import load_metadata
 from neon.pq.client import connect
+from neon.utils.http_json import request_json
 
 TIMEOUT = 60.0
 
@@ -35,19 +36,7 @@ def free_port() -> int:
 def http_json(port: int, method: str, path: str, body: object | None = None) -> tuple[int, Any]:
     """(status, decoded JSON body) of a request to a daemon's HTTP API on 127.0.0.1:`port`; a
     body that is not JSON comes back as text."""
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method)
-    req.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(req, timeout=TIMEOUT) as resp:
-            raw = resp.read()
-            return resp.status, json.loads(raw) if raw else None
-    except urllib.error.HTTPError as e:
-        raw = e.read()
-        try:
-            return e.code, json.loads(raw) if raw else None
-        except ValueError:
-            return e.code, raw.decode(errors="replace")
+    return request_json("127.0.0.1", port, method, path, body, timeout=TIMEOUT)
 
 
 class Daemon:

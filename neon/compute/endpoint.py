@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -40,8 +39,6 @@ import subprocess
 import sys
 import tarfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -52,6 +49,7 @@ import structlog
 from neon.postgres.controlfile import ControlFileData, WalLevel
 from neon.postgres.pg_distrib import PgDistrib, PostgresUser
 from neon.pq.client import connect
+from neon.utils.http_json import request_json
 from neon.utils.lsn import Lsn
 from neon.utils.pidfile import process_alive
 
@@ -461,19 +459,7 @@ class Endpoint:
 
     def _http(self, method: str, path: str, body: object | None) -> tuple[int, Any]:
         host, port = self.pageserver_http
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(f"http://{host}:{port}{path}", data=data, method=method)
-        req.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT) as resp:
-                raw = resp.read()
-                return resp.status, json.loads(raw) if raw else None
-        except urllib.error.HTTPError as e:
-            raw = e.read()
-            try:
-                return e.code, json.loads(raw) if raw else None
-            except ValueError:
-                return e.code, raw.decode(errors="replace")
+        return request_json(host, port, method, path, body, timeout=HTTP_TIMEOUT)
 
     async def timeline_info(self) -> dict[str, Any]:
         status, info = await self.http("GET", self._timeline_path)
