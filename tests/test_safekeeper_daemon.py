@@ -341,6 +341,7 @@ async def test_http_api_and_metrics(sk: Safekeeper, pg_wal: PgWal) -> None:  # n
     assert metric(text, f"safekeeper_connected_computes{labels}") == 1
     assert metric(text, 'safekeeper_pg_queries_received_total{query="START_WAL_PUSH"}') == 1
     assert "safekeeper_wal_fsyncs_total" in text and "safekeeper_write_wal_bytes_total" in text
+    assert "safekeeper_wal_flushes_on_event_loop_total" in text
 
     # Explicit creation, idempotent; deletion, repeatable; errors as {"msg"}.
     new_tl = TimelineId("dd" * 16)

@@ -251,6 +251,16 @@ class _Collector:
             ("safekeeper_flush_wal_seconds", "Seconds spent flushing WAL", fsync_seconds),
             ("safekeeper_write_wal_bytes", "WAL bytes written", writes),
             ("safekeeper_broker_pushed_updates", "Timeline infos published to the broker", self.ctx.broker_pushed()),
+            (
+                "safekeeper_wal_flushes_on_event_loop",
+                "WAL fdatasyncs run on the event loop (one timeline receiving WAL)",
+                self.ctx.timelines.sync_placement.flushes_on_loop,
+            ),
+            (
+                "safekeeper_wal_flushes_in_worker_thread",
+                "WAL fdatasyncs of the open segment run in a worker thread (several timelines receiving WAL)",
+                self.ctx.timelines.sync_placement.flushes_in_thread,
+            ),
         ):
             c = CounterMetricFamily(name, help_text)
             c.add_metric([], value)

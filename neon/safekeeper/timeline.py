@@ -38,6 +38,7 @@ from neon.safekeeper.protocol import (
     ProposerGreeting,
     ProposerMessage,
 )
+from neon.safekeeper.sync_placement import WalSyncPlacement
 from neon.safekeeper.wal_storage import WalReader, WalStorage
 from neon.utils.id import HexId, TenantId, TimelineId
 from neon.utils.logging import get_logger
@@ -118,8 +119,12 @@ def timeline_dir(datadir: Path, tenant_id: TenantId, timeline_id: TimelineId) ->
 class Timeline:
     """One loaded timeline. Construct with `load` or `create` (both blocking)."""
 
-    def __init__(self, directory: Path, acceptor: Acceptor, *, no_sync: bool) -> None:
+    def __init__(
+        self, directory: Path, acceptor: Acceptor, *, no_sync: bool, sync_placement: WalSyncPlacement | None = None
+    ) -> None:
         self.directory = directory
+        # Shared by the safekeeper's timelines; a timeline on its own syncs on the event loop.
+        self.sync_placement = sync_placement if sync_placement is not None else WalSyncPlacement()
         self.acceptor = acceptor
         self.no_sync = no_sync
         self.tenant_id = acceptor.state.tenant_id
@@ -132,7 +137,9 @@ class Timeline:
 
     # --- construction (blocking) ------------------------------------------------------------
     @classmethod
-    def load(cls, directory: Path, *, node_id: int, no_sync: bool) -> Timeline:
+    def load(
+        cls, directory: Path, *, node_id: int, no_sync: bool, sync_placement: WalSyncPlacement | None = None
+    ) -> Timeline:
         """Load the control file (ControlFileError names the file; it is never rewritten here)
         and find the end of WAL by decoding from the persisted commit_lsn."""
         state = control_file.load(directory)
@@ -143,10 +150,23 @@ class Timeline:
             peer_horizon_lsn=state.peer_horizon_lsn,
             no_sync=no_sync,
         )
-        return cls(directory, cls._acceptor(directory, state, wal, node_id, no_sync), no_sync=no_sync)
+        return cls(
+            directory,
+            cls._acceptor(directory, state, wal, node_id, no_sync),
+            no_sync=no_sync,
+            sync_placement=sync_placement,
+        )
 
     @classmethod
-    def create(cls, directory: Path, state: SafeKeeperState, *, node_id: int, no_sync: bool) -> Timeline:
+    def create(
+        cls,
+        directory: Path,
+        state: SafeKeeperState,
+        *,
+        node_id: int,
+        no_sync: bool,
+        sync_placement: WalSyncPlacement | None = None,
+    ) -> Timeline:
         """Make the directory, persist the initial state, open (empty) WAL storage."""
         directory.parent.mkdir(parents=True, exist_ok=True)
         directory.mkdir()
@@ -154,7 +174,12 @@ class Timeline:
         wal = WalStorage.open(
             directory, wal_seg_size=state.server.wal_seg_size, commit_lsn=state.commit_lsn, no_sync=no_sync
         )
-        return cls(directory, cls._acceptor(directory, state, wal, node_id, no_sync), no_sync=no_sync)
+        return cls(
+            directory,
+            cls._acceptor(directory, state, wal, node_id, no_sync),
+            no_sync=no_sync,
+            sync_placement=sync_placement,
+        )
 
     @staticmethod
     def _acceptor(directory: Path, state: SafeKeeperState, wal: WalStorage, node_id: int, no_sync: bool) -> Acceptor:
@@ -198,8 +223,8 @@ class Timeline:
 
         Where the work runs: appends that touch no file (heartbeats, commit-LSN broadcasts) on
         the event loop; appends whose WAL only goes into the open segment on the event loop too
-        (a pwrite into the page cache), with just the fdatasync in a worker thread; everything
-        else (new segments, truncation, control-file writes) in a worker thread."""
+        (a pwrite into the page cache), with the fdatasync where `sync_placement` says;
+        everything else (new segments, truncation, control-file writes) in a worker thread."""
         async with self.lock:
             self.check_usable()
             try:
@@ -236,7 +261,10 @@ class Timeline:
                 replies.append(reply)
         ticket = acceptor.begin_flush()
         if ticket is not None and ticket.fd is not None:
-            await asyncio.to_thread(acceptor.sync, ticket)
+            if self.sync_placement.on_loop():
+                acceptor.sync(ticket)
+            else:
+                await asyncio.to_thread(acceptor.sync, ticket)
         replies.append(acceptor.end_flush(ticket))
         return replies
 
@@ -303,6 +331,8 @@ class Timeline:
 
     # --- connections --------------------------------------------------------------------------
     def register_walreceiver(self, conn_id: int) -> None:
+        if not self.walreceivers:
+            self.sync_placement.timeline_started_receiving()
         self.walreceivers[conn_id] = "Voting"
 
     def set_walreceiver_streaming(self, conn_id: int) -> None:
@@ -310,7 +340,8 @@ class Timeline:
             self.walreceivers[conn_id] = "Streaming"
 
     def unregister_walreceiver(self, conn_id: int) -> None:
-        self.walreceivers.pop(conn_id, None)
+        if self.walreceivers.pop(conn_id, None) is not None and not self.walreceivers:
+            self.sync_placement.timeline_stopped_receiving()
         self.notify()  # a walsender may end its stream once no compute is left
 
     @property
@@ -518,6 +549,7 @@ class Timelines:
         self.node_id = node_id
         self.no_sync = no_sync
         self._map: dict[tuple[bytes, bytes], Timeline] = {}
+        self.sync_placement = WalSyncPlacement()
         self._create_lock = asyncio.Lock()
 
     def load_all(self) -> None:
@@ -535,7 +567,9 @@ class Timelines:
                 if not (tl_dir / control_file.CONTROL_FILE_NAME).exists():
                     log.error("timeline directory without a control file, not loaded", path=str(tl_dir))
                     continue
-                tl = Timeline.load(tl_dir, node_id=self.node_id, no_sync=self.no_sync)
+                tl = Timeline.load(
+                    tl_dir, node_id=self.node_id, no_sync=self.no_sync, sync_placement=self.sync_placement
+                )
                 if bytes(tl.tenant_id) != bytes(tenant_id) or bytes(tl.timeline_id) != bytes(timeline_id):
                     raise ControlFileError(
                         f"control file {tl_dir / control_file.CONTROL_FILE_NAME}: "
@@ -584,7 +618,14 @@ class Timelines:
                 raise TimelineDirExists(
                     f"timeline {state.tenant_id}/{state.timeline_id}: directory {path} exists but is not loaded"
                 )
-            tl = await asyncio.to_thread(Timeline.create, path, state, node_id=self.node_id, no_sync=self.no_sync)
+            tl = await asyncio.to_thread(
+                Timeline.create,
+                path,
+                state,
+                node_id=self.node_id,
+                no_sync=self.no_sync,
+                sync_placement=self.sync_placement,
+            )
             self._map[(bytes(state.tenant_id), bytes(state.timeline_id))] = tl
             log.info("created timeline", ttid=tl.ttid, commit_lsn=str(state.commit_lsn))
             return tl, True
