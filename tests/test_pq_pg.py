@@ -5,6 +5,7 @@ cancel, concurrency with a misbehaving client, shutdown)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import shutil
 from collections.abc import AsyncIterator, Iterator
@@ -34,7 +35,7 @@ from neon.pq.replication import (
     decode_client_message,
     pg_now,
 )
-from neon.pq.server import Column, PqServer, Session
+from neon.pq.server import ClientDisconnected, Column, PqServer, Session
 from neon.utils.lsn import Lsn
 from tests.fixtures.vanilla import VanillaPostgres, make_test_root
 
@@ -670,3 +671,48 @@ async def test_handler_timeouts_are_query_errors_and_idle_timeout_disconnects() 
                 await conn.query("wait")
     finally:
         await server.stop()
+
+
+def test_a_write_on_a_socket_closed_under_the_handler_is_a_disconnect() -> None:
+    """Regression: a walsender writing after its socket was closed by a reset (seen by another
+    task) got uvloop's RuntimeError, logged as "connection failed" with a traceback; asyncio
+    dropped the bytes silently. Both loops must report it as the client leaving."""
+    import uvloop
+
+    async def scenario() -> BaseException | None:
+        closed = asyncio.Event()
+        outcome: list[BaseException | None] = []
+
+        class LateWriter:
+            def __init__(self, session: Session) -> None:
+                self.session = session
+
+            async def query(self, sql: str) -> None:
+                stream = await self.session.copy_both()
+                self.session._writer.transport.abort()  # what a reset seen elsewhere leaves behind
+                closed.set()
+                try:
+                    await stream.write(b"late WAL")
+                    outcome.append(None)
+                except BaseException as e:
+                    outcome.append(e)
+                    raise
+
+        server = await PqServer(LateWriter).start()
+        try:
+            conn = await connect("127.0.0.1", server.port, "alice")
+            await conn.copy_both("stream")
+            async with asyncio.timeout(10):
+                await closed.wait()
+                while not outcome:
+                    await asyncio.sleep(0.01)  # the handler's write runs right after; bounded
+            with contextlib.suppress(Exception):
+                await conn.close()
+        finally:
+            await server.stop()
+        return outcome[0]
+
+    for factory in (asyncio.new_event_loop, uvloop.new_event_loop):
+        with asyncio.Runner(loop_factory=factory) as runner:
+            err = runner.run(scenario())
+        assert isinstance(err, ClientDisconnected), (factory, err)

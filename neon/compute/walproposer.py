@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from neon.pq.client import ConnectionLost, PgConnection, ReplicationStream, connect
+from neon.pq.client import ConnectionLost, CopyStream, PgConnection, ReplicationStream, connect
 from neon.pq.errors import LocalProtocolError, PgError, ProtocolViolation
 from neon.pq.replication import PageserverFeedback, PrimaryKeepalive, XLogData
 from neon.safekeeper.protocol import (
@@ -75,6 +75,9 @@ COMMIT_BROADCAST_DELAY = 0.005
 # next response (group commit across the wire: one append, fsync and reply for every commit that
 # arrived meanwhile); a full chunk goes at once, so bulk WAL streams pipelined.
 COALESCE_BELOW = MAX_SEND_SIZE
+# WAL goes to a safekeeper straight from the callback that makes it sendable (`_Term._push`)
+# while its socket buffer holds less than this; beyond, its task waits for the socket to drain.
+PUSH_BUFFER_LIMIT = 4 * MAX_SEND_SIZE
 
 
 class TermEnded(Exception):
@@ -148,6 +151,12 @@ class Safekeeper:
     catchup: CatchUpReader | None = None  # while it needs WAL older than the spool holds
     feedback: PageserverFeedback | None = None
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    # While a session streams to it: where `_push` writes, and whether its task is inside a
+    # catch-up read (then only the task may send: it records what it sent after an await).
+    stream: CopyStream | None = None
+    proto: ProposerProtocol | None = None
+    busy: bool = False
+    last_sent: float = 0.0  # monotonic time of the last AppendRequest (heartbeats)
     connects: int = 0
     responses: int = 0  # AppendResponses received in this term
     unanswered: int = 0  # AppendRequests with WAL sent since its last response
@@ -284,7 +293,8 @@ class _Term:
                         self.available_lsn = self.spool.end_lsn
                         if len(self.spool) > self.conf.max_spool_bytes:
                             self.spool.trim(self.spool.end_lsn - self.conf.max_spool_bytes)
-                        self._wake_all()
+                        for sk in self.sks:
+                            self._push(sk)
                 elif isinstance(msg, PrimaryKeepalive) and msg.reply_requested:
                     self._report(force=True)
         except (ConnectionLost, PgError, ProtocolViolation, OSError) as e:
@@ -463,12 +473,16 @@ class _Term:
             )
             sk.streaming_at = start
             sk.unanswered = 0
+            sk.last_sent = time.monotonic()
+            sk.stream, sk.proto = stream, proto
             sk.state = "active"
             log.info("streaming to safekeeper", safekeeper=str(sk.addr), start=str(start), term=result.term)
             reader = asyncio.create_task(self._read_responses(sk, receive))
             try:
                 await self._stream_to(sk, send, reader)
             finally:
+                sk.stream = sk.proto = None
+                sk.busy = False
                 await self._end_catch_up(sk)
                 reader.cancel()
                 with contextlib.suppress(BaseException):
@@ -488,11 +502,12 @@ class _Term:
         )
 
     async def _stream_to(self, sk: Safekeeper, send, reader: asyncio.Task[None]) -> None:  # type: ignore[no-untyped-def]
-        """AppendRequests from sk.streaming_at up to availableLsn; an empty one as heartbeat or to
-        spread a new commit LSN."""
-        assert self.spool is not None and self.result is not None
+        """What `_push` leaves to sk's task: WAL older than the spool (catch-up reads), waiting
+        for a full socket buffer to drain, and empty AppendRequests as heartbeat or to spread a
+        new commit LSN."""
+        assert self.spool is not None and self.result is not None and sk.stream is not None
         result = self.result
-        last_sent = time.monotonic()
+        stream = sk.stream
         reader.add_done_callback(lambda _t: sk.wake.set())
         while True:
             if reader.done():
@@ -501,36 +516,80 @@ class _Term:
             # Cleared before looking for work: a wake-up arriving while we send is kept for the wait.
             woken = sk.wake.is_set()
             sk.wake.clear()
-            sent = held = False
-            while sk.streaming_at < self.available_lsn:
+            sent = await self._send_catch_up(sk, send, result)
+            if sk.catchup is not None and sk.streaming_at >= self.spool.start_lsn:
+                await self._end_catch_up(sk)
+            sent = self._push(sk) or sent
+            await stream.drain()
+            held = sk.unanswered > 0 and sk.streaming_at < self.available_lsn  # the response sends it
+            now = time.monotonic()
+            if not sent and not held and (woken or now - sk.last_sent >= self.conf.reconnect_timeout):
+                await send(self._append(sk, result, sk.streaming_at, b""))
+                sk.last_sent = now
+            if not sk.wake.is_set():
+                # The reader's end sets the event too (above), so one wait covers both.
+                left = self.conf.reconnect_timeout - (time.monotonic() - sk.last_sent)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.0, left)):
+                        await sk.wake.wait()
+
+    async def _send_catch_up(self, sk: Safekeeper, send, result: ElectionResult) -> bool:  # type: ignore[no-untyped-def]
+        """WAL the spool no longer holds, read from the compute or the donor."""
+        assert self.spool is not None
+        sent = False
+        sk.busy = True
+        try:
+            while sk.streaming_at < min(self.available_lsn, self.spool.start_lsn):
                 if sk.unanswered and self.available_lsn - sk.streaming_at < COALESCE_BELOW:
-                    held = True  # the response wakes us; the commit LSN goes with this WAL then
                     break
-                if sk.streaming_at < self.spool.start_lsn:
-                    data = await self._catch_up(sk).read(
-                        sk.streaming_at, min(MAX_SEND_SIZE, self.spool.start_lsn - sk.streaming_at)
-                    )
-                else:
-                    if sk.catchup is not None:
-                        await self._end_catch_up(sk)
-                    data = self.spool.read(sk.streaming_at, MAX_SEND_SIZE)
+                data = await self._catch_up(sk).read(
+                    sk.streaming_at, min(MAX_SEND_SIZE, self.spool.start_lsn - sk.streaming_at)
+                )
                 if not data:
                     break
                 await send(self._append(sk, result, sk.streaming_at, data))
                 sk.streaming_at = Lsn(sk.streaming_at + len(data))
                 sk.unanswered += 1
                 sent = True
-            now = time.monotonic()
-            if not sent and not held and (woken or now - last_sent >= self.conf.reconnect_timeout):
-                await send(self._append(sk, result, sk.streaming_at, b""))
+        finally:
+            sk.busy = False
+        if sent:
+            sk.last_sent = time.monotonic()
+        return sent
+
+    def _push(self, sk: Safekeeper) -> bool:
+        """Write sk the spool's WAL it may take now, from the caller: the Postgres reader when
+        WAL arrives, sk's response reader when an answer frees held WAL, sk's task otherwise.
+        No task wakes for the common case (three fewer task switches per commit). Less than
+        `COALESCE_BELOW` waits while an append is unanswered. What cannot be done here (catch-up,
+        a full socket buffer) is left to sk's task, which this wakes. Returns whether it sent."""
+        stream, proto, spool, result = sk.stream, sk.proto, self.spool, self.result
+        if stream is None or proto is None or spool is None or result is None:
+            sk.wake.set()
+            return False
+        if sk.busy or sk.catchup is not None or sk.streaming_at < spool.start_lsn:
+            sk.wake.set()
+            return False
+        sent = False
+        try:
+            while sk.streaming_at < self.available_lsn:
+                if sk.unanswered and self.available_lsn - sk.streaming_at < COALESCE_BELOW:
+                    break
+                if stream.write_buffer_size() > PUSH_BUFFER_LIMIT:
+                    sk.wake.set()
+                    break
+                data = spool.read(sk.streaming_at, MAX_SEND_SIZE)
+                if not data:
+                    break
+                stream.write_nowait(proto.send(self._append(sk, result, sk.streaming_at, data)))
+                sk.streaming_at = Lsn(sk.streaming_at + len(data))
+                sk.unanswered += 1
                 sent = True
-            if sent:
-                last_sent = now
-            if not sk.wake.is_set():
-                # The reader's end sets the event too (below), so one wait covers both.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(max(0.0, self.conf.reconnect_timeout - (time.monotonic() - last_sent))):
-                        await sk.wake.wait()
+        except (ConnectionLost, LocalProtocolError, OSError, RuntimeError):
+            sk.wake.set()  # the connection is broken: the task's next write or read ends the session
+        if sent:
+            sk.last_sent = time.monotonic()
+        return sent
 
     def _catch_up(self, sk: Safekeeper) -> CatchUpReader:
         if sk.catchup is None:
@@ -589,13 +648,13 @@ class _Term:
             sk.flush_lsn = resp.flush_lsn
             sk.commit_lsn = resp.commit_lsn
             sk.responses += 1
-            if sk.unanswered:
-                sk.unanswered = 0
-                if sk.streaming_at < self.available_lsn:
-                    sk.wake.set()  # WAL held back while this was in flight
+            held = sk.unanswered > 0 and sk.streaming_at < self.available_lsn
+            sk.unanswered = 0
             if resp.pageserver_feedback is not None:
                 sk.feedback = resp.pageserver_feedback
-            self._on_progress()
+            self._on_progress()  # first: release commits, and the held WAL carries the new commit LSN
+            if held:
+                self._push(sk)
 
     def _on_progress(self) -> None:
         result = self.result

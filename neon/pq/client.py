@@ -131,8 +131,14 @@ class PgConnection:
 
     # --- I/O ----------------------------------------------------------------------------------
     async def _send(self, *messages: FrontendMessage) -> None:
-        self._writer.write(b"".join(self.codec.send(m) for m in messages))
+        self._write(b"".join(self.codec.send(m) for m in messages))
         await self._writer.drain()
+
+    def _write(self, data: bytes) -> None:
+        # A socket closed under us is a lost connection (uvloop would raise RuntimeError).
+        if self._writer.is_closing():
+            raise ConnectionLost("the server closed the connection")
+        self._writer.write(data)
 
     async def _read_chunk(self) -> bytes:
         try:
@@ -421,9 +427,8 @@ class CopyStream:
         codec = self.conn.codec
         if codec.state not in (State.COPY_IN, State.COPY_BOTH):
             raise LocalProtocolError("the COPY is over (the server may have reported an error)")
-        writer = self.conn._writer
-        writer.write(codec.copy_data_header(len(data)) + data)
-        await writer.drain()
+        self.conn._write(codec.copy_data_header(len(data)) + data)
+        await self.conn._writer.drain()
 
     def write_nowait(self, data: bytes) -> None:
         """Queue a CopyData without waiting for the socket to drain: for small messages sent from
@@ -431,7 +436,15 @@ class CopyStream:
         codec = self.conn.codec
         if codec.state not in (State.COPY_IN, State.COPY_BOTH):
             raise LocalProtocolError("the COPY is over (the server may have reported an error)")
-        self.conn._writer.write(codec.copy_data_header(len(data)) + data)
+        self.conn._write(codec.copy_data_header(len(data)) + data)
+
+    def write_buffer_size(self) -> int:
+        """Bytes queued by `write_nowait` that the socket has not taken yet."""
+        return self.conn._writer.transport.get_write_buffer_size()
+
+    async def drain(self) -> None:
+        """Wait until the socket takes what `write_nowait` queued (flow control)."""
+        await self.conn._writer.drain()
 
     async def done(self) -> None:
         """Send CopyDone (our side finished)."""

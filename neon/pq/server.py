@@ -171,7 +171,7 @@ class CopyOutStream:
         if s.codec.state is State.CLOSED:
             raise ClientDisconnected("client disconnected")
         # Header and payload in one write, without a message object (the pagestream's hot path).
-        s._writer.write(s.codec.copy_data_header(len(data)) + data)
+        s._write(s.codec.copy_data_header(len(data)) + data)
         await s._writer.drain()
 
     async def done(self) -> None:
@@ -284,8 +284,15 @@ class Session:
     async def send(self, *messages: BackendMessage) -> None:
         """Encode (the codec checks the phase) and write; waits while the socket buffer is full."""
         data = b"".join(self._encode(m) for m in messages)
-        self._writer.write(data)
+        self._write(data)
         await self._writer.drain()
+
+    def _write(self, data: bytes) -> None:
+        # A socket closed under us (a reset seen by another task's write) is the client leaving:
+        # uvloop raises RuntimeError for a write on it and asyncio drops the bytes silently.
+        if self._writer.is_closing():
+            raise ClientDisconnected("client disconnected")
+        self._writer.write(data)
 
     def _encode(self, msg: BackendMessage) -> bytes:
         if self.codec.state is State.CLOSED:
@@ -343,11 +350,11 @@ class Session:
             parts.append(self._encode(DataRow(tuple(_text(v) for v in row))))
             n += 1
             if len(parts) >= 512:
-                self._writer.write(b"".join(parts))
+                self._write(b"".join(parts))
                 parts = []
                 await self._writer.drain()
         parts.append(self._encode(CommandComplete(tag if tag is not None else f"SELECT {n}")))
-        self._writer.write(b"".join(parts))
+        self._write(b"".join(parts))
         await self._writer.drain()
 
     async def send_error(
