@@ -564,10 +564,15 @@ class _Term:
         `COALESCE_BELOW` waits while an append is unanswered. What cannot be done here (catch-up,
         a full socket buffer) is left to sk's task, which this wakes. Returns whether it sent."""
         stream, proto, spool, result = sk.stream, sk.proto, self.spool, self.result
-        if stream is None or proto is None or spool is None or result is None:
-            sk.wake.set()
-            return False
-        if sk.busy or sk.catchup is not None or sk.streaming_at < spool.start_lsn:
+        if (
+            stream is None
+            or proto is None
+            or spool is None
+            or result is None
+            or sk.busy
+            or sk.catchup is not None
+            or sk.streaming_at < spool.start_lsn
+        ):
             sk.wake.set()
             return False
         sent = False
@@ -585,7 +590,7 @@ class _Term:
                 sk.streaming_at = Lsn(sk.streaming_at + len(data))
                 sk.unanswered += 1
                 sent = True
-        except (ConnectionLost, LocalProtocolError, OSError, RuntimeError):
+        except (ConnectionLost, LocalProtocolError, OSError):
             sk.wake.set()  # the connection is broken: the task's next write or read ends the session
         if sent:
             sk.last_sent = time.monotonic()

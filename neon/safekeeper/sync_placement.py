@@ -4,7 +4,7 @@ While WAL arrives for one timeline only, the fdatasync runs on the event loop: t
 nothing to do meanwhile that could not wait for it (the proposer holds small appends while one
 is unanswered, walsenders wait for the commit LSN the next append brings), and handing the call
 to a worker thread costs two cross-thread wake-ups per flush, measured at about a sixth of the
-commit path's CPU on a 2-core machine (`benchmarks/commit_path.py`). Once a second timeline
+commit path's CPU on a 2-core machine (alternating `pgbench -N -c 4` runs). Once a second timeline
 receives WAL, fdatasyncs go to worker threads so that timelines never wait for each other's
 disk flushes. The price of the single-timeline case: while a flush is stuck on a dying disk,
 the HTTP API and broker pushes of this safekeeper wait with it.
